@@ -42,7 +42,7 @@ MAX_HEAD_BYTES = 64 * 1024      # request line and header lines together
 MAX_HEADERS = 100
 MAX_METHOD_CHARS = 32           # longer "methods" are taken for junk at once
 MAX_BODY_BYTES = 1024 * 1024    # bodies are read and dropped, never kept
-MAX_SHOWN_CHARS = 200           # client text that is only shown (ids, a bad line)
+MAX_SHOWN_CHARS = 200           # client text only shown (ids, a bad line) is cut here
 
 HEAD_TIMEOUT = 10.0     # seconds from a request's first byte to its blank line
 IDLE_TIMEOUT = 10.0     # seconds without a byte either way: idle, slow body, unread answer
@@ -134,11 +134,13 @@ class RequestLog(logging.LoggerAdapter):
         kwargs['extra'] = extra
         return msg, kwargs
 
+    def at(self, where):
+        """The same request's log, written from another place."""
+        return RequestLog(self.extra['key'], self.extra['started'], where)
+
     def child(self, name):
         """The log of a step called from here: WHERE becomes 'here>name'."""
-        extra = self.extra
-        return RequestLog(extra['key'], extra['started'],
-                          extra['where'] + '>' + name)
+        return self.at(self.extra['where'] + '>' + name)
 
 
 def server_log():
@@ -375,6 +377,7 @@ class Handler(BaseHTTPRequestHandler):
                     continue
                 self.key = KEYS.next()
                 self.started = time.monotonic()
+                self.command = self.request_version = ''
             if self.body_left:
                 dropped = min(self.body_left, len(self.inbuf))
                 del self.inbuf[:dropped]
@@ -395,9 +398,8 @@ class Handler(BaseHTTPRequestHandler):
             if len(self.inbuf) > MAX_HEAD_BYTES:
                 self.fail('request head over %d bytes' % MAX_HEAD_BYTES)
             elif not METHOD_START.match(self.inbuf):
-                self.fail('not an HTTP request: %s' % escape(
-                    self.inbuf[:MAX_SHOWN_CHARS].decode('utf-8',
-                                                       'surrogateescape')))
+                self.fail('not an HTTP request: %s' % self.inbuf[
+                    :MAX_SHOWN_CHARS].decode('utf-8', 'surrogateescape'))
             return False
         if end.start() >= MAX_HEAD_BYTES:
             self.fail('request head over %d bytes' % MAX_HEAD_BYTES)
@@ -411,14 +413,15 @@ class Handler(BaseHTTPRequestHandler):
     def send_output(self):
         """Send what the socket takes now; half-close once a closing answer
         is out; watch for writability only while output waits."""
+        was_full = len(self.wfile) >= MAX_PENDING_OUTPUT
         if self.wfile:
             try:
                 sent = self.request.send(self.wfile)
             except BlockingIOError:
                 sent = 0
             except OSError as error:
-                self.log.warning('client gone before its answer was sent: %s',
-                                 error)
+                self.log.at('handler').warning(
+                    'client gone before its answer was sent: %s', error)
                 self.close()
                 return
             if sent:
@@ -436,15 +439,14 @@ class Handler(BaseHTTPRequestHandler):
                 self.close()
                 return
             self.closing_at = time.monotonic()
+        if was_full and len(self.wfile) < MAX_PENDING_OUTPUT:
+            self.handle()       # requests that waited for a slow reader
         events = selectors.EVENT_WRITE if self.wfile else 0
         if len(self.wfile) < MAX_PENDING_OUTPUT and not self.eof:
             events |= selectors.EVENT_READ
         if events != self.events:
-            resumed = events & ~self.events & selectors.EVENT_READ
             self.events = events
             self.server.selector.modify(self.request, events, self)
-            if resumed:
-                self.handle()   # requests that waited for a slow reader
 
     def expired(self, now):
         if self.closing_at is not None:
@@ -460,8 +462,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.closing_at is not None:
             self.close()
         elif self.wfile:
-            self.log.error('client did not read its answer for %g s;'
-                           ' connection closed', IDLE_TIMEOUT)
+            self.log.at('handler').error('client did not read its answer for'
+                                         ' %g s; connection closed',
+                                         IDLE_TIMEOUT)
             self.close()
         elif self.body_left:
             log_arrival(self)
@@ -506,7 +509,6 @@ class Handler(BaseHTTPRequestHandler):
         answered.  Sets command, path (the target exactly as sent),
         request_version, close_connection and headers (a dict of lower-case
         names; repeated fields joined with ', ')."""
-        self.command = self.path = self.request_version = ''
         head = self.raw_requestline + self.rfile.read()
         if b'\0' in head or head.count(b'\r') != head.count(b'\r\n'):
             return self.send_error(400, 'NUL or bare CR in the request head')
@@ -516,7 +518,7 @@ class Handler(BaseHTTPRequestHandler):
         match = REQUEST_LINE.fullmatch(lines[0])
         if not match:
             return self.send_error(400, "request line is not 'METHOD TARGET"
-                                   " HTTP/1.x': %s" % shown(lines[0]))
+                                   " HTTP/1.x': %s" % lines[0][:MAX_SHOWN_CHARS])
         self.command, self.path, minor = match.groups()
         self.request_version = 'HTTP/1.' + minor
         if len(lines) - 1 > MAX_HEADERS:
@@ -527,7 +529,7 @@ class Handler(BaseHTTPRequestHandler):
             match = HEADER_LINE.fullmatch(line)
             if not match:
                 return self.send_error(400, "header line is not 'Name: value'"
-                                       ": %s" % shown(line))
+                                       ": %s" % line[:MAX_SHOWN_CHARS])
             name, value = match.groups()
             name = name.lower()
             headers[name] = headers[name] + ', ' + value if name in headers else value
@@ -575,14 +577,14 @@ class Handler(BaseHTTPRequestHandler):
         cannot be known for sure, so the connection must close."""
         self.body_length = 0
         if 'transfer-encoding' in self.headers:
-            return 'Transfer-Encoding %s is not supported' % shown(
-                self.headers['transfer-encoding'])
+            return 'Transfer-Encoding %s is not supported' % (
+                self.headers['transfer-encoding'][:MAX_SHOWN_CHARS])
         if 'content-length' not in self.headers:
             return None
         values = {v.strip() for v in self.headers['content-length'].split(',')}
         if len(values) != 1 or not DIGITS.fullmatch(next(iter(values))):
-            return 'Content-Length %s is not one length' % shown(
-                self.headers['content-length'])
+            return 'Content-Length %s is not one length' % (
+                self.headers['content-length'][:MAX_SHOWN_CHARS])
         self.body_length = int(values.pop())
         if self.body_length > MAX_BODY_BYTES:
             return 'body of %d bytes is over %d' % (self.body_length,

@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import resource
+import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -461,3 +463,818 @@ def test_json_log_of_a_body_an_exception_and_a_server_record(json_trap,
     record = json.loads(json_trap.lines()[-1])
     assert record['request'] is None and re.fullmatch(KEY, record['time'])
     assert record['where'] == 'main' and record['message'] == 'a server record'
+
+
+# -- The process: settings, signals, exit codes --------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+class Process:
+    """`python kek.py` with its own environment; its port read from its log."""
+
+    def __init__(self, tmp_path, env=None, args=(), log_file=True, **popen):
+        self.log_path = tmp_path / 'kek.log'
+        environ = dict(os.environ, PORT='0', HOST='127.0.0.1')
+        for name in ('LOG_FILE', 'LOG_FORMAT'):
+            environ.pop(name, None)
+        if log_file:
+            environ['LOG_FILE'] = str(self.log_path)
+        environ.update(env or {})
+        popen.setdefault('stdout', subprocess.PIPE)
+        self.proc = subprocess.Popen([sys.executable, KEK, *args], env=environ,
+                                     stderr=subprocess.PIPE, text=True, **popen)
+
+    def wait_listening(self):
+        line = wait_for(lambda: self.log_path.exists()
+                        and self.log_path.read_text().partition('\n')[0],
+                        timeout=10, what='the listening line')
+        self.port = int(re.fullmatch(r'%s \+0\.\d{3}ms INFO  main listening on '
+                                     r'http://127\.0\.0\.1:(\d+)' % KEY,
+                                     line).group(1))
+        return line
+
+    def get(self, url='/api?x=1'):
+        conn = http.client.HTTPConnection('127.0.0.1', self.port, timeout=5)
+        conn.request('GET', url)
+        answer = conn.getresponse()
+        answer.read()
+        conn.close()
+        return answer
+
+    def stop(self, signum=signal.SIGTERM):
+        self.proc.send_signal(signum)
+        out, err = self.proc.communicate(timeout=10)
+        return self.proc.returncode, out, err
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_process_serves_then_stops_on_signal_with_exit_0(tmp_path, signum):
+    kek_process = Process(tmp_path)
+    kek_process.wait_listening()
+    key = kek_process.get().getheader('X-Request-Id')
+    status, out, err = kek_process.stop(signum)
+    assert (status, out, err) == (0, '', '')
+    lines = kek_process.log_path.read_text().splitlines()
+    assert len([line for line in lines if line.startswith(key + ' ')]) == 5
+    assert re.fullmatch(r'%s \+0\.\d{3}ms INFO  main stopped' % KEY, lines[-1])
+    assert len(lines) == 7
+
+
+def test_process_logs_to_standard_output_by_default(tmp_path):
+    kek_process = Process(tmp_path, env={'PORT': str(free_port())},
+                          log_file=False)
+    first = kek_process.proc.stdout.readline()
+    kek_process.port = int(re.fullmatch(r'.* main listening on '
+                                        r'http://127\.0\.0\.1:(\d+)\n',
+                                        first).group(1))
+    key = kek_process.get().getheader('X-Request-Id')
+    status, out, err = kek_process.stop()
+    assert status == 0 and err == ''
+    assert len([l for l in out.splitlines() if l.startswith(key + ' ')]) == 5
+    assert out.splitlines()[-1].endswith(' INFO  main stopped')
+
+
+def test_listening_line_with_default_host(tmp_path):
+    port = free_port()
+    environ = dict(os.environ, PORT=str(port))
+    for name in ('HOST', 'LOG_FILE', 'LOG_FORMAT'):
+        environ.pop(name, None)
+    proc = subprocess.Popen([sys.executable, KEK], env=environ, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=10)
+    assert re.fullmatch(r'%s \+0\.\d{3}ms INFO  main listening on '
+                        r'http://0\.0\.0\.0:%d\n' % (KEY, port), first)
+    assert proc.returncode == 0
+
+
+def test_arguments_win_over_the_environment(tmp_path):
+    kek_process = Process(tmp_path, env={'PORT': 'abc', 'HOST': 'nowhere'},
+                          args=['--port', '0', '--host', '127.0.0.1'])
+    kek_process.wait_listening()
+    assert kek_process.get().status == 200
+    assert kek_process.stop()[0] == 0
+
+
+def test_json_format_process(tmp_path):
+    kek_process = Process(tmp_path, env={'LOG_FORMAT': 'json'})
+    record = json.loads(wait_for(lambda: kek_process.log_path.exists() and
+                                 kek_process.log_path.read_text()
+                                 .partition('\n')[0], timeout=10))
+    assert record['request'] is None and record['where'] == 'main'
+    kek_process.port = int(record['message'].rsplit(':', 1)[1])
+    key = kek_process.get().getheader('X-Request-Id')
+    assert kek_process.stop()[0] == 0
+    records = [json.loads(line) for line in
+               kek_process.log_path.read_text().splitlines()]
+    assert [r['request'] for r in records] == [None] + [key] * 5 + [None]
+    assert records[-1]['message'] == 'stopped'
+
+
+@pytest.mark.parametrize('env, args, says', [
+    ({'PORT': 'abc'}, [], "kek: PORT='abc' is not a port number (0-65535)"),
+    ({'PORT': '70000'}, [], "kek: PORT='70000' is not a port number (0-65535)"),
+    ({'PORT': '-1'}, [], "kek: PORT='-1' is not a port number (0-65535)"),
+    ({'PORT': ''}, [], "kek: PORT='' is not a port number (0-65535)"),
+    ({}, ['--port', 'x'], "kek: --port='x' is not a port number (0-65535)"),
+    ({'LOG_FORMAT': 'xml'}, [], "kek: LOG_FORMAT='xml' is not one of text, json"),
+    ({'LOG_FILE': '/nonexistent-dir/kek.log'}, [],
+     "kek: LOG_FILE='/nonexistent-dir/kek.log' cannot be opened: [Errno 2] "
+     "No such file or directory: '/nonexistent-dir/kek.log'"),
+    ({'LOG_FILE': '/'}, [], "kek: LOG_FILE='/' cannot be opened: [Errno 21] "
+     "Is a directory: '/'"),
+    ({'HOST': '192.0.2.1'}, [], "kek: cannot listen on HOST='192.0.2.1' "
+     "PORT=0: [Errno 99] Cannot assign requested address"),
+    ({}, ['--bogus'], 'kek: unrecognized arguments: --bogus'),
+    ({}, ['--port'], 'kek: argument --port: expected one argument'),
+])
+def test_bad_setting_is_one_line_on_stderr_and_exit_2(tmp_path, env, args,
+                                                      says):
+    kek_process = Process(tmp_path, env=env, args=args, log_file=False)
+    out, err = kek_process.proc.communicate(timeout=10)
+    assert kek_process.proc.returncode == 2
+    assert (out, err) == ('', says + '\n')
+
+
+def test_port_in_use_is_a_bad_setting(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        kek_process = Process(tmp_path, args=['--port', str(port)])
+        out, err = kek_process.proc.communicate(timeout=10)
+    assert kek_process.proc.returncode == 2
+    assert err == ("kek: cannot listen on HOST='127.0.0.1' --port=%d: "
+                   "[Errno 98] Address already in use\n" % port)
+
+
+# -- Requests that do not parse ------------------------------------------------
+
+def assert_error_and_closed(trap, data, error):
+    """One 200 answer with the error, under a fresh key, then the close."""
+    [(status, headers, body)] = parse_responses(trap.exchange(data))
+    key = headers['X-Request-Id']
+    assert status == 'HTTP/1.1 200 OK'
+    assert headers['Connection'] == 'close'
+    assert headers['Content-Type'] == 'application/json'
+    assert json.loads(body) == {'request': key, 'status': 'error',
+                                'errors': [error]}
+    chain = trap.wait_chain(key, 2)
+    assert chain[-1] == ('ERROR', 'handler', 'responded 200 status=error;'
+                         ' closing the connection')
+    assert trap.request()[0].status == 200      # and the server serves on
+    return chain
+
+
+@pytest.mark.parametrize('data, error', [
+    (b'GARBAGE\r\n\r\n', "request line is not 'METHOD TARGET HTTP/1.x': GARBAGE"),
+    (b'GET\r\n\r\n', "request line is not 'METHOD TARGET HTTP/1.x': GET"),
+    (b'GET /api\r\n\r\n', "request line is not 'METHOD TARGET HTTP/1.x': GET /api"),
+    (b'GET /api HTTP/9.9\r\n\r\n',
+     "request line is not 'METHOD TARGET HTTP/1.x': GET /api HTTP/9.9"),
+    (b'GET /api HTTP/2.0\r\n\r\n',
+     "request line is not 'METHOD TARGET HTTP/1.x': GET /api HTTP/2.0"),
+    (b'GET  /api HTTP/1.1\r\n\r\n',
+     "request line is not 'METHOD TARGET HTTP/1.x': GET  /api HTTP/1.1"),
+    (b'GET /api HTTP/1.1\r\nNoColon\r\n\r\n',
+     "header line is not 'Name: value': NoColon"),
+    (b'GET /api HTTP/1.1\r\nHost : x\r\n\r\n',
+     "header line is not 'Name: value': Host : x"),
+    (b'GET /api HTTP/1.1\r\n folded: x\r\n\r\n',
+     "header line is not 'Name: value':  folded: x"),
+    (b'GET /api HTTP/1.1\r\nA: b\r\n\tc\r\n\r\n',
+     "header line is not 'Name: value': \tc"),
+    (b'GET /api HTTP/1.1\r\nA: b\0c\r\n\r\n', 'NUL or bare CR in the request head'),
+    (b'GET /api HTTP/1.1\r\nA: b\rc\r\n\r\n', 'NUL or bare CR in the request head'),
+    (b'GET /api HTTP/1.1\r\n' + b'A: b\r\n' * 101 + b'\r\n',
+     'more than 100 header lines'),
+])
+def test_unparseable_request_is_answered_200_and_closed(trap, data, error):
+    chain = assert_error_and_closed(trap, data, error)
+    assert chain[0][:2] == ('ERROR', 'handler')
+    assert chain[0][2] == 'bad request: %s; client=127.0.0.1:%s' % (
+        kek.escape(error), chain[0][2].rsplit(':', 1)[1])
+
+
+def test_100_headers_are_fine(trap):
+    data = b'GET /api HTTP/1.1\r\n' + b'A: b\r\n' * 99 + b'Connection: close\r\n\r\n'
+    [(status, headers, body)] = parse_responses(trap.exchange(data))
+    assert json.loads(body)['status'] == 'ok'
+
+
+def test_binary_junk_is_refused_at_once_without_waiting_for_a_head(trap):
+    hello = b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03'   # a TLS hello
+    chain = assert_error_and_closed(
+        trap, hello, 'not an HTTP request: \x16\x03\x01\x02\x00\x01'
+        '\x00\x01\udcfc\x03\x03')
+    assert chain[0][2].startswith('not an HTTP request: \\x16\\x03\\x01'
+                                  '\\x02\\x00\\x01\\x00\\x01\\udcfc')
+
+
+def test_a_line_over_64_kib_is_refused(trap):
+    assert_error_and_closed(trap, b'GET /' + b'a' * 70000,
+                            'request head over 65536 bytes')
+
+
+def test_a_complete_head_over_64_kib_is_refused(trap):
+    assert_error_and_closed(trap, b'GET /' + b'a' * 70000 + b' HTTP/1.1\r\n\r\n',
+                            'request head over 65536 bytes')
+
+
+def test_a_head_just_under_the_limit_is_fine(trap):
+    target = b'/api?x=' + b'a' * (kek.MAX_HEAD_BYTES - 100)
+    data = b'GET ' + target + b' HTTP/1.1\r\nConnection: close\r\n\r\n'
+    [(status, headers, body)] = parse_responses(trap.exchange(data))
+    assert json.loads(body)['status'] == 'ok'
+
+
+def test_bare_lf_line_ends_and_leading_blank_lines_are_accepted(trap):
+    data = b'\r\n\r\nGET /api?a=1 HTTP/1.1\nHost: x\n\nGET /api?b=1 HTTP/1.1\n' \
+           b'Connection: close\r\n\n'
+    answers = parse_responses(trap.exchange(data))
+    assert [json.loads(body)['status'] for _, _, body in answers] == ['ok', 'ok']
+
+
+def test_an_empty_connection_logs_nothing(trap):
+    trap.connect().close()
+    with trap.connect() as sock:
+        sock.sendall(b'\r\n')
+    key = trap.request()[0].getheader('X-Request-Id')
+    assert trap.keys() == [key]
+
+
+# -- Keep-alive, HTTP/1.0 and pipelining ---------------------------------------
+
+def test_keep_alive_serves_several_requests_on_one_connection(trap):
+    conn = http.client.HTTPConnection('127.0.0.1', trap.port, timeout=5)
+    keys = []
+    for _ in range(3):
+        conn.request('GET', '/api')
+        answer = conn.getresponse()
+        answer.read()
+        assert answer.getheader('Connection') is None
+        keys.append(answer.getheader('X-Request-Id'))
+    conn.close()
+    assert len(set(keys)) == 3
+
+
+def test_http_1_0_closes_unless_asked_to_keep_alive(trap):
+    [(status, headers, body)] = parse_responses(
+        trap.exchange(b'GET /api HTTP/1.0\r\n\r\n'))
+    assert headers['Connection'] == 'close'
+    with trap.connect() as sock:
+        sock.sendall(b'GET /api HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n')
+        first = wait_for(lambda: sock.recv(65536))
+        assert b'\r\nConnection: keep-alive\r\n' in first
+        sock.sendall(b'GET /api HTTP/1.0\r\n\r\n')
+        assert b'Connection: close' in recv_until_closed(sock)
+
+
+def test_pipelined_requests_are_answered_in_order(trap):
+    data = b''.join(b'GET /api?n=%d HTTP/1.1\r\nHost: x\r\n\r\n' % n
+                    for n in range(20)) + b'GET /api?n=20 HTTP/1.1\r\n' \
+        b'Connection: close\r\n\r\n'
+    answers = parse_responses(trap.exchange(data))
+    keys = [headers['X-Request-Id'] for _, headers, _ in answers]
+    assert keys == sorted(keys) and len(set(keys)) == 21
+    for n, key in enumerate(keys):
+        assert trap.chain(key)[0][2].startswith('GET /api?n=%d ' % n)
+
+
+# -- Bodies --------------------------------------------------------------------
+
+def test_body_is_read_and_its_size_logged(trap):
+    answer, data = trap.request('PUT', body=b'x' * 100000)
+    chain = trap.chain(answer.getheader('X-Request-Id'))
+    assert chain[0][2].endswith(' body=100000')
+
+
+def test_body_arriving_in_pieces_is_read_before_the_answer(trap):
+    with trap.connect() as sock:
+        sock.sendall(b'POST /api HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234')
+        time.sleep(0.05)        # let the server see the first half alone
+        sock.sendall(b'56789GET /api HTTP/1.1\r\nConnection: close\r\n\r\n')
+        answers = parse_responses(recv_until_closed(sock))
+    assert [error_body(answers[0][2]), json.loads(answers[1][2])['status']] == [
+        ['method POST is not allowed'], 'ok']
+
+
+@pytest.mark.parametrize('headers, error', [
+    (b'Content-Length: 1048577\r\n', 'body of 1048577 bytes is over 1048576'),
+    (b'Transfer-Encoding: chunked\r\n', 'Transfer-Encoding chunked is not supported'),
+    (b'Content-Length: -1\r\n', 'Content-Length -1 is not one length'),
+    (b'Content-Length: abc\r\n', 'Content-Length abc is not one length'),
+    (b'Content-Length: 5\r\nContent-Length: 6\r\n',
+     'Content-Length 5, 6 is not one length'),
+    (b'Content-Length: 5, 6\r\n', 'Content-Length 5, 6 is not one length'),
+    (b'Content-Length: \xd9\xa5\r\n', 'Content-Length \u0665 is not one'
+     ' length'),      # ARABIC-INDIC DIGIT FIVE is a digit to str.isdigit()
+])
+def test_a_body_of_unknown_or_excessive_length_is_refused_and_closed(
+        trap, headers, error):
+    smuggled = b'GET /api?smuggled=1 HTTP/1.1\r\nHost: x\r\n\r\n'
+    data = b'POST /api HTTP/1.1\r\nHost: x\r\n' + headers + b'\r\n' + \
+        b'hello' + smuggled
+    [(status, answer_headers, body)] = parse_responses(trap.exchange(data))
+    key = answer_headers['X-Request-Id']
+    assert error_body(body) == [error]
+    assert answer_headers['Connection'] == 'close'
+    chain = trap.chain(key)
+    assert chain[0][2].startswith('POST /api params={} client=')
+    assert chain[1][:2] == ('ERROR', 'handler')
+    assert chain[1][2].startswith(kek.escape(error) + '; client=127.0.0.1:')
+    assert 'smuggled' not in trap.log_path.read_text()
+
+
+def test_duplicated_equal_content_lengths_are_one_length(trap):
+    data = (b'POST /api HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n'
+            b'Connection: close\r\n\r\nhello')
+    [(_, headers, body)] = parse_responses(trap.exchange(data))
+    assert error_body(body) == ['method POST is not allowed']
+    assert trap.chain(headers['X-Request-Id'])[0][2].endswith(' body=5')
+
+
+def test_an_oversized_body_is_not_read_whole(trap):
+    with trap.connect() as sock:
+        sock.sendall(b'POST /api HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n')
+        sock.sendall(b'x' * 100000)
+        [(_, headers, body)] = parse_responses(recv_until_closed(sock))
+    assert error_body(body) == ['body of 100000000 bytes is over 1048576']
+
+
+def test_expect_100_continue_invites_a_body_that_fits(trap):
+    with trap.connect() as sock:
+        sock.sendall(b'PUT /api HTTP/1.1\r\nExpect: 100-continue\r\n'
+                     b'Content-Length: 5\r\nConnection: close\r\n\r\n')
+        assert wait_for(lambda: sock.recv(65536)) == \
+            b'HTTP/1.1 100 Continue\r\n\r\n'
+        sock.sendall(b'hello')
+        [(_, headers, body)] = parse_responses(recv_until_closed(sock))
+    assert error_body(body) == ['method PUT is not allowed']
+
+
+def test_expect_100_continue_is_refused_for_a_body_too_big(trap):
+    with trap.connect() as sock:
+        sock.sendall(b'PUT /api HTTP/1.1\r\nExpect: 100-continue\r\n'
+                     b'Content-Length: 2000000\r\n\r\n')
+        [(status, headers, body)] = parse_responses(recv_until_closed(sock))
+    assert status == 'HTTP/1.1 200 OK'
+    assert error_body(body) == ['body of 2000000 bytes is over 1048576']
+
+
+def test_http_1_0_gets_no_100_continue(trap):
+    data = (b'PUT /api HTTP/1.0\r\nExpect: 100-continue\r\n'
+            b'Content-Length: 5\r\n\r\nhello')
+    answers = parse_responses(trap.exchange(data))
+    assert [status for status, _, _ in answers] == ['HTTP/1.1 200 OK']
+
+
+def test_a_body_without_content_length_is_not_taken_for_a_request(trap):
+    data = b'POST /api HTTP/1.1\r\nHost: x\r\n\r\nname=value&x=1'
+    first, second = parse_responses(trap.exchange(data))
+    assert error_body(first[2]) == ['method POST is not allowed']
+    assert error_body(second[2]) == ['not an HTTP request: name=value&x=1']
+    assert second[1]['Connection'] == 'close'
+
+
+def test_junk_after_a_head_request_still_gets_its_error_body(trap):
+    answers = parse_responses(trap.exchange(
+        b'GET /api HTTP/1.1\r\n\r\n{"json": "body"}'))
+    assert error_body(answers[1][2]) == ['not an HTTP request: {"json": "body"}']
+
+
+# -- Slow, idle and vanishing clients ------------------------------------------
+
+def test_a_head_trickled_byte_by_byte_is_cut_at_its_deadline(trap, fast):
+    with trap.connect() as sock:
+        started = time.monotonic()
+        for byte in b'GET /api?slow=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: z\r\n':
+            if select.select([sock], [], [], 0.05)[0]:
+                break           # the answer came: stop sending
+            sock.sendall(bytes([byte]))
+        data = recv_until_closed(sock)
+        elapsed = time.monotonic() - started
+    [(_, headers, body)] = parse_responses(data)
+    assert 0.5 <= elapsed < 1.5     # a deadline from the first byte, not per read
+    [error] = error_body(body)
+    assert re.fullmatch(r'request head not complete within 0\.5 s '
+                        r'\(\d+ bytes received\)', error)
+    chain = trap.chain(headers['X-Request-Id'])
+    assert chain[0][:2] == ('ERROR', 'handler')
+    assert chain[0][2].startswith(error + '; client=')
+
+
+def test_an_idle_keep_alive_connection_is_closed_silently(trap, fast):
+    with trap.connect() as sock:
+        sock.sendall(b'GET /api HTTP/1.1\r\n\r\n')
+        started = time.monotonic()
+        data = recv_until_closed(sock)
+        assert 0.4 <= time.monotonic() - started < 1.5
+    [(_, headers, _)] = parse_responses(data)
+    assert trap.keys() == [headers['X-Request-Id']]
+
+
+def test_a_stalled_body_is_cut_and_its_request_ends_with_an_error(trap, fast):
+    with trap.connect() as sock:
+        sock.sendall(b'POST /api?b=1 HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234')
+        [(_, headers, body)] = parse_responses(recv_until_closed(sock))
+    error = 'request body stalled: no byte for 0.5 s, 5 bytes missing'
+    assert error_body(body) == [error]
+    chain = trap.chain(headers['X-Request-Id'])
+    assert chain[0][:2] == ('INFO ', 'query')
+    assert chain[0][2].startswith('POST /api?b=1 params={"b": ["1"]} client=')
+    assert chain[1] == ('ERROR', 'handler', chain[1][2])
+    assert chain[1][2].startswith(error + '; client=')
+    assert chain[-1] == ('ERROR', 'handler', 'responded 200 status=error;'
+                         ' closing the connection')
+
+
+@pytest.mark.parametrize('reset', [False, True])
+def test_a_client_that_leaves_mid_head_is_logged_under_a_key(trap, reset):
+    sock = trap.connect()
+    sock.sendall(b'GET /api HTTP/1.1\r\nHost:')
+    if reset:           # an RST instead of a FIN
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                        b'\x01\x00\x00\x00\x00\x00\x00\x00')
+    wait_for(lambda: trap.server.handlers and
+             all(h.inbuf for h in trap.server.handlers))
+    sock.close()
+    [key] = wait_for(trap.keys)
+    [record] = trap.wait_chain(key, 1)
+    assert record == ('ERROR', 'handler', 'the client closed the connection'
+                      ' before the request head was complete (24 bytes'
+                      ' received)')
+
+
+def test_a_client_that_leaves_mid_body_is_logged_under_its_key(trap):
+    sock = trap.connect()
+    sock.sendall(b'POST /api HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234')
+    wait_for(lambda: all(h.body_left == 5 for h in trap.server.handlers))
+    sock.close()
+    [key] = wait_for(trap.keys)
+    chain = trap.wait_chain(key, 2)
+    assert chain[0][2].startswith('POST /api params={} client=')
+    assert chain[0][2].endswith(' body=10')
+    assert chain[1] == ('ERROR', 'handler', 'the client closed the connection;'
+                        ' 5 body bytes missing')
+
+
+def test_a_half_closed_client_still_gets_its_answers(trap):
+    with trap.connect() as sock:
+        sock.sendall(b'GET /api?a=1 HTTP/1.1\r\n\r\nGET /api?b=1 HTTP/1.1\r\n\r\n')
+        sock.shutdown(socket.SHUT_WR)
+        answers = parse_responses(recv_until_closed(sock))
+    assert [json.loads(body)['status'] for _, _, body in answers] == ['ok', 'ok']
+
+
+def flood_without_reading(trap, count=400):
+    """A client that asks for many large answers (each repeats its 20 KB path)
+    and reads none of them; it sends from a thread, as the server may stop
+    reading it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(('127.0.0.1', trap.port))
+    data = b'GET /' + b'a' * 20000 + b' HTTP/1.1\r\n\r\n'
+
+    def send():
+        try:
+            sock.sendall(data * count + b'GET /api HTTP/1.1\r\n'
+                         b'Connection: close\r\n\r\n')
+        except OSError:
+            pass        # cut by the server
+    threading.Thread(target=send, daemon=True).start()
+    wait_for(lambda: any(len(h.wfile) >= kek.MAX_PENDING_OUTPUT
+                         and not h.events & selectors.EVENT_READ
+                         for h in trap.server.handlers),
+             what='the server to stop reading the flood')
+    return sock
+
+
+def test_a_client_that_does_not_read_is_paused_then_cut(trap, fast):
+    sock = flood_without_reading(trap)
+    line = wait_for(lambda: [l for l in trap.lines() if 'did not read' in l],
+                    what='the cut')[0]
+    assert LINE.fullmatch(line).group(3, 4, 5) == (
+        'ERROR', 'handler', 'client did not read its answer for 0.5 s;'
+        ' connection closed')
+    answered = len([l for l in trap.lines() if 'responded' in l])
+    assert answered < 400       # it stopped reading requests it could not send
+    sock.close()
+    assert trap.request()[0].status == 200
+
+
+def test_a_slow_reader_gets_every_answer_in_order(trap):
+    sock = flood_without_reading(trap)
+    answers = parse_responses(recv_until_closed(sock, timeout=10))
+    sock.close()
+    keys = [headers['X-Request-Id'] for _, headers, _ in answers]
+    assert len(keys) == 401 and keys == sorted(keys)
+    assert json.loads(answers[-1][2])['status'] == 'ok'
+
+
+def test_a_client_that_resets_before_reading_is_logged(trap):
+    sock = flood_without_reading(trap)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                    b'\x01\x00\x00\x00\x00\x00\x00\x00')
+    sock.shutdown(socket.SHUT_RDWR)     # wakes the sending thread
+    sock.close()                        # unread answers: the kernel resets
+    line = wait_for(lambda: [l for l in trap.lines() if 'client gone' in l])[0]
+    assert re.search(r' WARNING handler client gone before its answer was sent:'
+                     r' \[Errno (32|104)\]', line)
+
+
+# -- Many connections ----------------------------------------------------------
+
+def test_a_burst_of_300_connects_is_accepted_and_answered(trap):
+    socks = [socket.create_connection(('127.0.0.1', trap.port), timeout=5)
+             for _ in range(300)]
+    for sock in socks:
+        sock.sendall(b'GET /api HTTP/1.1\r\nConnection: close\r\n\r\n')
+    for sock in socks:
+        [(status, _, _)] = parse_responses(recv_until_closed(sock))
+        assert status == 'HTTP/1.1 200 OK'
+        sock.close()
+
+
+def test_hundreds_of_slow_clients_do_not_starve_a_normal_one(trap):
+    slow = [trap.connect() for _ in range(300)]
+    for sock in slow:
+        sock.sendall(b'GET /api HTTP/1.1\r\nHost: x')
+    wait_for(lambda: len(trap.server.handlers) == 300)
+    started = time.monotonic()
+    assert trap.request()[0].status == 200
+    assert time.monotonic() - started < 1
+    for sock in slow:
+        sock.close()
+
+
+# -- Shutdown ------------------------------------------------------------------
+
+def test_shutdown_finishes_requests_in_flight_and_closes_idle_ones(trap):
+    idle = trap.connect()
+    busy = trap.connect()
+    busy.sendall(b'GET /api?late=1 HTTP/1.1\r\n')
+    wait_for(lambda: len(trap.server.handlers) == 2
+             and any(h.inbuf for h in trap.server.handlers))
+    trap.server.shutdown()
+    assert recv_until_closed(idle) == b''
+    busy.sendall(b'Host: x\r\n\r\n')
+    [(_, headers, body)] = parse_responses(recv_until_closed(busy))
+    assert headers['Connection'] == 'close'
+    assert json.loads(body)['status'] == 'ok'
+    trap.thread.join(5)
+    assert not trap.thread.is_alive()
+
+
+def test_shutdown_gives_up_on_requests_after_the_grace(trap, monkeypatch):
+    monkeypatch.setattr(kek, 'SHUTDOWN_GRACE', 0.2)
+    stuck = trap.connect()
+    stuck.sendall(b'GET /api?stuck=1 HTTP/1.1\r\n')
+    lingering = trap.connect()
+    lingering.sendall(b'GARBAGE\r\n\r\n')
+    wait_for(lambda: len(trap.server.handlers) == 2 and all(
+        h.inbuf or h.closing_at for h in trap.server.handlers))
+    trap.server.shutdown()
+    trap.thread.join(5)
+    assert not trap.thread.is_alive()
+    chains = sorted(len(trap.chain(key)) for key in trap.keys())
+    assert chains == [1, 2]     # the stuck request, and the answered garbage
+    [stuck_key] = [key for key in trap.keys() if len(trap.chain(key)) == 1]
+    assert trap.chain(stuck_key) == [(
+        'ERROR', 'handler', 'server stopping before the request head was'
+        ' complete (27 bytes received)')]
+    stuck.close()
+    lingering.close()
+    trap.server.shutdown()      # a second call is harmless
+
+
+def test_shutdown_after_close_is_harmless(tmp_path):
+    server = kek.Server(('127.0.0.1', 0))
+    server.server_close()
+    server.shutdown()
+    assert server.stopping
+
+
+# -- The log destination -------------------------------------------------------
+
+def make_writer(path, monkeypatch):
+    monkeypatch.setattr(kek, 'ROTATE_CHECK_INTERVAL', 0)
+    writer = kek.LogWriter(str(path))
+    writer.setFormatter(kek.TextFormatter())
+    return writer
+
+
+def write_record(writer, message):
+    writer.handle(kek.LOGGER.makeRecord(
+        'kek', logging.INFO, '', 0, message, (), None,
+        extra={'key': 'K', 'where': 'w', 'offset_ms': 0.0, 'request': 'K'}))
+    writer.flush()
+
+
+@pytest.mark.parametrize('rotate', ['rename', 'remove'])
+def test_log_file_is_reopened_after_logrotate_moves_it(tmp_path, monkeypatch,
+                                                        rotate):
+    path = tmp_path / 'kek.log'
+    writer = make_writer(path, monkeypatch)
+    write_record(writer, 'before')
+    if rotate == 'rename':
+        path.rename(tmp_path / 'kek.log.1')
+        assert (tmp_path / 'kek.log.1').read_text() == 'K +0.000ms INFO  w before\n'
+    else:
+        path.unlink()
+    write_record(writer, 'after')
+    assert path.read_text() == 'K +0.000ms INFO  w after\n'
+    writer.close()
+
+
+def test_log_file_stays_open_when_it_cannot_be_reopened(tmp_path, monkeypatch):
+    folder = tmp_path / 'logs'
+    folder.mkdir()
+    writer = make_writer(folder / 'kek.log', monkeypatch)
+    write_record(writer, 'before')
+    (folder / 'kek.log').rename(tmp_path / 'kek.log.1')
+    folder.rmdir()
+    write_record(writer, 'after')
+    assert (tmp_path / 'kek.log.1').read_text().splitlines()[-1].endswith('after')
+    writer.close()
+
+
+def test_a_failing_log_is_reported_once_and_its_recovery_too(tmp_path,
+                                                             monkeypatch, capfd):
+    writer = make_writer(tmp_path / 'kek.log', monkeypatch)
+    monkeypatch.setattr(kek, 'ROTATE_CHECK_INTERVAL', 3600)
+    writer.next_check = time.monotonic() + 3600
+    saved = os.dup(writer.fd)
+    full = os.open('/dev/full', os.O_WRONLY)
+    os.dup2(full, writer.fd)
+    for n in range(3):
+        write_record(writer, 'lost %d' % n)
+    os.dup2(saved, writer.fd)
+    write_record(writer, 'kept')
+    assert capfd.readouterr().err == (
+        'kek: cannot write the log to %s: [Errno 28] No space left on device;'
+        ' dropping records until it works again\n'
+        'kek: writing the log to %s works again; 3 records were lost\n'
+        % (writer.path, writer.path))
+    assert (tmp_path / 'kek.log').read_text().endswith('kept\n')
+    for fd in (saved, full):
+        os.close(fd)
+    writer.close()
+
+
+def test_log_to_standard_output(capfd):
+    writer = kek.LogWriter()
+    writer.setFormatter(kek.TextFormatter())
+    write_record(writer, 'to stdout')
+    writer.close()
+    assert capfd.readouterr().out == 'K +0.000ms INFO  w to stdout\n'
+    assert os.fstat(1)      # standard output is not closed with the writer
+
+
+def test_a_full_log_device_never_stops_the_answers(tmp_path):
+    port = free_port()
+    kek_process = Process(tmp_path, env={'LOG_FILE': '/dev/full',
+                                         'PORT': str(port)})
+    kek_process.port = port
+    wait_for(lambda: connectable(port), timeout=10)
+    assert [kek_process.get().status for _ in range(3)] == [200] * 3
+    status, out, err = kek_process.stop()
+    assert status == 0
+    assert err == ('kek: cannot write the log to /dev/full: [Errno 28] No space'
+                   ' left on device; dropping records until it works again\n')
+
+
+def test_closed_standard_output_and_error_never_stop_the_answers(tmp_path):
+    port = free_port()
+    kek_process = Process(tmp_path, env={'PORT': str(port)}, log_file=False,
+                          stdout=subprocess.DEVNULL,
+                          preexec_fn=lambda: (os.close(1), os.close(2)))
+    kek_process.port = port
+    wait_for(lambda: connectable(port), timeout=10)
+    assert [kek_process.get().status for _ in range(3)] == [200] * 3
+    assert kek_process.stop()[0] == 0
+
+
+def connectable(port):
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_sigterm_lets_a_request_in_flight_finish(tmp_path):
+    kek_process = Process(tmp_path)
+    kek_process.wait_listening()
+    with socket.create_connection(('127.0.0.1', kek_process.port)) as sock:
+        sock.sendall(b'POST /api HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234')
+        wait_for(lambda: len(kek_process.log_path.read_text().splitlines()) == 1
+                 and time.sleep(0.1) is None)
+        kek_process.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        sock.sendall(b'56789')
+        [(_, headers, body)] = parse_responses(recv_until_closed(sock))
+    assert headers['Connection'] == 'close'
+    assert kek_process.proc.wait(10) == 0
+    lines = kek_process.log_path.read_text().splitlines()
+    assert [l for l in lines if l.startswith(headers['X-Request-Id'])][-1] \
+        .endswith('responded 200 status=error; closing the connection')
+    assert lines[-1].endswith(' main stopped')
+
+
+def test_running_out_of_file_descriptors_pauses_accepting(tmp_path):
+    limit = 40
+    kek_process = Process(tmp_path, preexec_fn=lambda: resource.setrlimit(
+        resource.RLIMIT_NOFILE, (limit, limit)))
+    kek_process.wait_listening()
+    socks = [socket.create_connection(('127.0.0.1', kek_process.port))
+             for _ in range(limit)]
+    wait_for(lambda: 'cannot accept' in kek_process.log_path.read_text())
+    for sock in socks:
+        sock.close()
+    assert wait_for(lambda: kek_process.get().status == 200)
+    assert kek_process.stop()[0] == 0
+    line = [l for l in kek_process.log_path.read_text().splitlines()
+            if 'cannot accept' in l][0]
+    assert re.fullmatch(r'%s \+0\.\d{3}ms ERROR main cannot accept connections:'
+                        r' \[Errno 24\] Too many open files; pausing 0\.1 s'
+                        % KEY, line)
+
+
+# -- One connection driven by hand (races the loop cannot force) ---------------
+
+@pytest.fixture
+def harness():
+    """A Server whose loop does not run, one accepted Handler, its client."""
+    server = kek.Server(('127.0.0.1', 0))
+    client = socket.create_connection(server.server_address, timeout=5)
+    wait_for(lambda: server.accept() or server.handlers)
+    [handler] = server.handlers
+    yield server, handler, client
+    client.close()
+    for handler in list(server.handlers):
+        handler.close()
+    server.server_close()
+
+
+def test_methods_fall_back_to_do_get_but_other_names_do_not(harness):
+    _, handler, _ = harness
+    assert handler.do_FOO == handler.do_GET
+    with pytest.raises(AttributeError):
+        handler.no_such_attribute
+
+
+def test_a_spurious_wakeup_reads_nothing(harness):
+    _, handler, client = harness
+    handler.on_readable()
+    assert not handler.closed and handler.inbuf == b''
+    client.sendall(b'GET')
+    wait_for(lambda: select.select([handler.request], [], [], 0)[0])
+    handler.on_readable()
+    assert handler.inbuf == b'GET'
+
+
+def test_eof_with_answers_pending_sends_them_then_closes(harness):
+    server, handler, client = harness
+    handler.wfile.write(b'the answer')
+    handler.on_eof()
+    assert handler.close_connection and handler in server.to_send
+    handler.send_output()
+    assert handler.closed
+    assert recv_until_closed(client) == b'the answer'
+
+
+def test_sending_nothing_changes_nothing(harness):
+    _, handler, _ = harness
+    handler.send_output()
+    assert not handler.closed and handler.events == selectors.EVENT_READ
+
+
+def test_a_reset_before_the_half_close_just_closes(harness):
+    _, handler, client = harness
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                      b'\x01\x00\x00\x00\x00\x00\x00\x00')
+    client.close()
+    wait_for(lambda: select.select([handler.request], [], [], 0)[0])
+    handler.close_connection = True
+    handler.send_output()
+    assert handler.closed and handler.closing_at is None
+
+
+def test_guard_leaves_a_closed_handler_alone(harness):
+    server, handler, _ = harness
+    handler.close()
+    server.guard(handler, lambda: 1 / 0)
+    assert handler.closed and not server.handlers
+
+
+def test_stopping_to_accept_twice_is_harmless(harness):
+    server, _, _ = harness
+    server.stop_accepting()
+    server.stop_accepting()
+    assert not server.accepting
