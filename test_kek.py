@@ -321,6 +321,17 @@ def test_bug_outside_query_costs_one_connection_not_the_server(trap,
     assert trap.request()[0].status == 200
 
 
+def test_records_below_the_logger_level_are_skipped(trap):
+    kek.LOGGER.setLevel(logging.ERROR)
+    try:
+        answer, _ = trap.request(url='/api?notawaiting=1')
+    finally:
+        kek.LOGGER.setLevel(logging.INFO)
+    assert trap.chain(answer.getheader('X-Request-Id')) == [
+        ('ERROR', 'query>process2', 'validation failed: notawaiting=1'),
+        ('ERROR', 'query', 'responded 200 status=error')]
+
+
 # -- Keys ----------------------------------------------------------------------
 
 def test_key_is_the_utc_arrival_time_with_microseconds():
