@@ -1122,17 +1122,19 @@ def test_a_failing_log_is_reported_once_and_its_recovery_too(tmp_path,
     writer.next_check = time.monotonic() + 3600
     saved = os.dup(writer.fd)
     full = os.open('/dev/full', os.O_WRONLY)
-    os.dup2(full, writer.fd)
-    for n in range(3):
-        write_record(writer, 'lost %d' % n)
-    os.dup2(saved, writer.fd)
-    write_record(writer, 'kept')
-    assert capfd.readouterr().err == (
-        'kek: cannot write the log to %s: [Errno 28] No space left on device;'
-        ' dropping records until it works again\n'
-        'kek: writing the log to %s works again; 3 records were lost\n'
-        % (writer.path, writer.path))
-    assert (tmp_path / 'kek.log').read_text().endswith('kept\n')
+    failing = ('kek: cannot write the log to %s: [Errno 28] No space left on'
+               ' device; dropping records until it works again\n' % writer.path)
+    for lost in (3, 2):         # each failure is counted on its own
+        os.dup2(full, writer.fd)
+        for n in range(lost):
+            write_record(writer, 'lost %d' % n)
+        os.dup2(saved, writer.fd)
+        write_record(writer, 'kept')
+        assert capfd.readouterr().err == failing + (
+            'kek: writing the log to %s works again; %d records were lost\n'
+            % (writer.path, lost))
+    assert (tmp_path / 'kek.log').read_text() == (
+        'K +0.000ms INFO  w kept\n' * 2)
     for fd in (saved, full):
         os.close(fd)
     writer.close()
@@ -1289,3 +1291,27 @@ def test_stopping_to_accept_twice_is_harmless(harness):
     server.stop_accepting()
     server.stop_accepting()
     assert not server.accepting
+
+
+def test_ipv6_host_is_served_and_logged_in_brackets(tmp_path):
+    writer = kek.LogWriter(str(tmp_path / 'kek.log'))
+    writer.setFormatter(kek.TextFormatter())
+    kek.LOGGER.addHandler(writer)
+    server = kek.Server(('::1', 0))
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        assert server.url() == 'http://[::1]:%d' % port
+        conn = http.client.HTTPConnection('::1', port, timeout=5)
+        conn.request('GET', '/api')
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        server.shutdown()
+        thread.join(5)
+        server.server_close()
+        kek.LOGGER.removeHandler(writer)
+        writer.close()
+    arrival = (tmp_path / 'kek.log').read_text().splitlines()[0]
+    assert re.search(r' client=\[::1\]:\d+$', arrival)
