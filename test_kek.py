@@ -1315,3 +1315,19 @@ def test_ipv6_host_is_served_and_logged_in_brackets(tmp_path):
         writer.close()
     arrival = (tmp_path / 'kek.log').read_text().splitlines()[0]
     assert re.search(r' client=\[::1\]:\d+$', arrival)
+
+
+def test_records_work_with_any_stock_formatter(tmp_path):
+    """Records are lean, but a handler with logging's default formats works."""
+    stream = __import__('io').StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(
+        '%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d '
+        '%(funcName)s %(threadName)s %(process)s %(message)s'))
+    kek.LOGGER.addHandler(handler)
+    try:
+        kek.RequestLog('K', time.monotonic(), 'query').info('hello %s', 'you')
+    finally:
+        kek.LOGGER.removeHandler(handler)
+    assert stream.getvalue().endswith(
+        ' INFO kek (unknown file):0 None None None hello you\n')
