@@ -359,6 +359,7 @@ class Handler(BaseHTTPRequestHandler):
         self.log = None           # the current, or last, request's log
         self.body_left = 0
         self.close_connection = False
+        self.linger = False       # closing while the client may still send
         self.closing_at = None    # when the answers were sent and we half-closed
         self.closed = False
         self.eof = False          # the client sent all it will send
@@ -468,8 +469,8 @@ class Handler(BaseHTTPRequestHandler):
                 del self.wfile[:sent]
                 self.active_at = time.monotonic()
         if not self.wfile and self.done() and self.closing_at is None:
-            if self.eof:
-                self.close()
+            if self.eof or not (self.linger or self.inbuf):
+                self.close()        # nothing more is coming: a plain FIN
                 return
             # Half-close and drop what still arrives for a while: closing at
             # once could reset the connection and destroy the answer.
@@ -648,7 +649,7 @@ class Handler(BaseHTTPRequestHandler):
         self.fail_with(log, reason)
 
     def fail_with(self, log, reason):
-        self.close_connection = True
+        self.close_connection = self.linger = True
         self.answer(log, [reason])
 
     def answer(self, log, errors):
@@ -658,8 +659,8 @@ class Handler(BaseHTTPRequestHandler):
                                'errors': errors}).encode()
         else:
             body = (OK_BODY % self.key).encode()
-        if self.server.stopping:
-            self.close_connection = True
+        if self.server.stopping and not self.close_connection:
+            self.close_connection = self.linger = True
         if self.close_connection:
             connection = 'Connection: close\r\n'
         elif self.request_version == 'HTTP/1.0':

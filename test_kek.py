@@ -1274,7 +1274,7 @@ def test_a_reset_before_the_half_close_just_closes(harness):
                       b'\x01\x00\x00\x00\x00\x00\x00\x00')
     client.close()
     wait_for(lambda: select.select([handler.request], [], [], 0)[0])
-    handler.close_connection = True
+    handler.close_connection = handler.linger = True   # as after an error
     handler.send_output()
     assert handler.closed and handler.closing_at is None
 
@@ -1331,3 +1331,22 @@ def test_records_work_with_any_stock_formatter(tmp_path):
         kek.LOGGER.removeHandler(handler)
     assert stream.getvalue().endswith(
         ' INFO kek (unknown file):0 None None None hello you\n')
+
+
+def test_bytes_after_a_request_that_asked_to_close_are_never_read(trap):
+    data = (b'GET /api?a=1 HTTP/1.1\r\nConnection: close\r\n\r\n'
+            b'GET /api?b=1 HTTP/1.1\r\n\r\n')
+    [(_, headers, body)] = parse_responses(trap.exchange(data))
+    assert json.loads(body)['status'] == 'ok'
+    assert trap.keys() == [headers['X-Request-Id']]
+
+
+def test_a_client_that_asked_to_close_is_closed_at_once(trap, monkeypatch):
+    monkeypatch.setattr(kek, 'LINGER_TIMEOUT', 60)
+    with trap.connect() as sock:
+        sock.sendall(b'GET /api HTTP/1.1\r\nConnection: close\r\n\r\n')
+        [(status, _, _)] = parse_responses(recv_until_closed(sock))
+        # The client has not closed its side, yet the server is done with it:
+        # no half-close and linger when nothing more can come.
+        wait_for(lambda: not trap.server.handlers, timeout=2)
+    assert status == 'HTTP/1.1 200 OK'
