@@ -1350,3 +1350,19 @@ def test_a_client_that_asked_to_close_is_closed_at_once(trap, monkeypatch):
         # no half-close and linger when nothing more can come.
         wait_for(lambda: not trap.server.handlers, timeout=2)
     assert status == 'HTTP/1.1 200 OK'
+
+
+def test_a_burst_of_connects_waits_in_the_listen_backlog(harness):
+    server, _, _ = harness
+    clients = []
+    for _ in range(300):            # all at once, while nothing accepts
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(server.server_address)
+        clients.append(sock)
+    # A backlog too small drops the SYNs it cannot hold; clients retry after
+    # a second, so everyone accepted well within one means none was dropped.
+    wait_for(lambda: server.accept() or len(server.handlers) == 301,
+             timeout=0.9, what='all 300 connects accepted')
+    for sock in clients:
+        sock.close()
