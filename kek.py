@@ -114,7 +114,7 @@ def escape(text):
 # What no kek line shows: the same for every record instead of looked up for
 # each one.  Stock formatters read records' __dict__, so these go there too.
 RECORD_CONSTANTS = {
-    'pathname': '(unknown file)', 'filename': '(unknown file)',
+    'name': LOGGER.name, 'pathname': '(unknown file)', 'filename': '(unknown file)',
     'module': '(unknown module)', 'lineno': 0, 'funcName': None,
     'stack_info': None, 'exc_text': None, 'thread': None, 'threadName': None,
     'process': None, 'processName': None, 'msecs': 0.0, 'relativeCreated': 0.0}
@@ -130,7 +130,6 @@ class Record(logging.LogRecord):
         if extra:
             self.__dict__.update(extra)
         self.offset_ms = offset_ms
-        self.name = LOGGER.name
         self.levelno = level
         self.levelname = logging.getLevelName(level)
         self.msg = msg
@@ -434,16 +433,15 @@ class Handler(BaseHTTPRequestHandler):
         # Search only the new bytes: a client trickling its head byte by byte
         # must not make every arrival rescan all of it.
         end = HEAD_END.search(self.inbuf, max(0, self.scanned - 2))
+        self.scanned = len(self.inbuf)
+        size = end.start() + 1 if end else len(self.inbuf)
+        if size > MAX_HEAD_BYTES:
+            self.fail('request head over %d bytes' % MAX_HEAD_BYTES)
+            return False
         if end is None:
-            self.scanned = len(self.inbuf)
-            if len(self.inbuf) > MAX_HEAD_BYTES:
-                self.fail('request head over %d bytes' % MAX_HEAD_BYTES)
-            elif not METHOD_START.match(self.inbuf):
+            if not METHOD_START.match(self.inbuf):
                 self.fail('not an HTTP request: %s' % self.inbuf[
                     :MAX_SHOWN_CHARS].decode('utf-8', 'surrogateescape'))
-            return False
-        if end.start() >= MAX_HEAD_BYTES:
-            self.fail('request head over %d bytes' % MAX_HEAD_BYTES)
             return False
         self.rfile = io.BytesIO(self.inbuf[:end.start() + 1])
         del self.inbuf[:end.end()]
@@ -555,7 +553,6 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_error(400, 'NUL or bare CR in the request head')
         lines = head.decode('utf-8', 'surrogateescape').replace(
             '\r\n', '\n').split('\n')[:-1]
-        self.requestline = lines[0]
         match = REQUEST_LINE.fullmatch(lines[0])
         if not match:
             return self.send_error(400, "request line is not 'METHOD TARGET"
