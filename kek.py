@@ -43,6 +43,10 @@ MAX_HEADERS = 100
 MAX_METHOD_CHARS = 32           # longer "methods" are taken for junk at once
 MAX_BODY_BYTES = 1024 * 1024    # bodies are read and dropped, never kept
 MAX_SHOWN_CHARS = 200           # client text only shown (ids, a bad line) is cut here
+MAX_LENGTH_DIGITS = 15          # a longer Content-Length is refused unread
+MAX_CHUNK_SIZE_DIGITS = 16      # hex digits of a chunk size, leading zeros included
+MAX_CHUNK_LINE_BYTES = 4096     # a chunk-size line with its extensions
+MAX_TRAILER_BYTES = 8 * 1024    # all trailer lines of a chunked body together
 
 HEAD_TIMEOUT = 10.0     # seconds from a request's first byte to its blank line
 IDLE_TIMEOUT = 10.0     # seconds without a byte either way: idle, slow body, unread answer
@@ -311,16 +315,191 @@ def report(message):
 # -- The handler ---------------------------------------------------------------
 
 TCHAR = r"!#$%&'*+.^_`|~0-9A-Za-z-"   # RFC 9110 token characters
+TOKEN = re.compile(r"[%s]+" % TCHAR, re.ASCII)
 METHOD_START = re.compile(rb"[%s]{0,%d}(?: |\Z)"
                           % (TCHAR.encode(), MAX_METHOD_CHARS))
-REQUEST_LINE = re.compile(r"([%s]{1,%d}) (\S+) HTTP/1\.(\d)"
+REQUEST_LINE = re.compile(r"([%s]{1,%d}) (\S+) HTTP/1\.([01])"
                           % (TCHAR, MAX_METHOD_CHARS), re.ASCII)
-HEAD_END = re.compile(rb"\n\r?\n")     # the blank line; bare LF line ends are allowed
-HEADER_LINE = re.compile(r"([%s]+):[ \t]*(.*?)[ \t]*" % TCHAR, re.ASCII)
-DIGITS = re.compile(r"\d+", re.ASCII)
+# Any control character but tab.  Searched for once the CRLF line ends are
+# gone, so it also finds a bare CR or LF.  One character class: no backtracking.
+CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+DIGITS = re.compile(r"[0-9]+")
+HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]+")
 CONTINUE = b'HTTP/1.1 100 Continue\r\n\r\n'
 # What json.dumps() gives for the ok body; formatting it costs a tenth.
 OK_BODY = '{"request": "%s", "status": "ok"}'
+
+
+def shown(text):
+    """Client text quoted in an error: cut at MAX_SHOWN_CHARS, the cut marked."""
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    return text[:MAX_SHOWN_CHARS] + '...'
+
+
+def as_text(data):
+    """Client bytes as text for a message; bytes that are not UTF-8 are kept
+    as surrogates, which escape() shows as \\udcXX."""
+    return bytes(data).decode('utf-8', 'surrogateescape')
+
+
+def control_problem(data):
+    """The error for a control character in data, or None if it has none."""
+    match = CONTROL.search(data)
+    if match is None:
+        return None
+    char = match.group()
+    if char == b'\n':
+        return 'bare LF (not CRLF)'
+    if char == b'\r':
+        return 'bare CR (not CRLF)'
+    return 'control character 0x%02x' % char[0]
+
+
+def target_path(target):
+    """The path of a request target as sent; the absolute form that proxies
+    send (http://host/api?x=1) names its path after the authority."""
+    path = target.partition('?')[0]
+    scheme, sep, rest = path.partition('://')
+    if sep and scheme.lower() in ('http', 'https'):
+        return '/' + rest.partition('/')[2]
+    return path
+
+
+class BodyError(Exception):
+    """A body whose framing is broken or too large: the request is answered
+    with the error and the connection closed, since where the next request
+    would start cannot be known."""
+
+
+class Body:
+    """What the log shows of a request body, fed the decoded bytes as they
+    arrive; the body itself is never kept."""
+
+    def __init__(self):
+        self.size = 0
+
+    def add(self, data):
+        self.size += len(data)
+
+
+class LengthReader:
+    """Reads a body of Content-Length bytes."""
+
+    def __init__(self, length):
+        self.left = length
+
+    def read(self, inbuf, body):
+        """Move the body's bytes from inbuf into body; True once all came."""
+        data = inbuf[:self.left]
+        del inbuf[:len(data)]
+        self.left -= len(data)
+        body.add(data)
+        return not self.left
+
+    def missing(self):
+        return '%d body bytes missing' % self.left
+
+
+# The steps of a chunked body (RFC 9112 7.1).
+CHUNK_SIZE = 'chunk size'       # a chunk-size line, with extensions
+CHUNK_DATA = 'chunk data'
+CHUNK_END = 'chunk end'         # the CRLF after a chunk's data
+TRAILER = 'trailer'             # trailer lines, up to a blank line
+
+
+class ChunkedReader:
+    """Reads a chunked body, decoding it into body as bytes arrive.
+
+    Chunk extensions and trailer fields are checked and dropped.  A line is
+    searched only in its new bytes, and never past its limit, so a client
+    trickling a line that never ends costs linear time and bounded memory.
+    """
+
+    def __init__(self):
+        self.step = CHUNK_SIZE
+        self.left = 0               # bytes of the current chunk's data to come
+        self.scanned = 0            # bytes of an unfinished line already searched
+        self.trailer_bytes = 0
+        self.trailer_lines = 0
+
+    def read(self, inbuf, body):
+        """Decode what inbuf holds into body; True once the body is complete.
+        Raises BodyError on the first byte that breaks the framing."""
+        while inbuf:
+            if self.step is CHUNK_DATA:
+                data = inbuf[:self.left]
+                del inbuf[:len(data)]
+                self.left -= len(data)
+                body.add(data)
+                if not self.left:
+                    self.step = CHUNK_END
+            elif self.step is CHUNK_END:
+                if inbuf == b'\r':
+                    return False        # its LF is still on the way
+                if not inbuf.startswith(b'\r\n'):
+                    raise BodyError('chunk data not followed by CRLF')
+                del inbuf[:2]
+                self.step = CHUNK_SIZE
+            elif self.step is CHUNK_SIZE:
+                line = self.take_line(inbuf, MAX_CHUNK_LINE_BYTES,
+                                      'chunk size line')
+                if line is None:
+                    return False
+                self.start_chunk(line, body)
+            else:
+                line = self.take_line(inbuf, MAX_TRAILER_BYTES
+                                      - self.trailer_bytes, 'trailer')
+                if line is None:
+                    return False
+                if not line:
+                    return True
+                self.check_trailer(line)
+        return False
+
+    def take_line(self, inbuf, limit, what):
+        """Take one CRLF-ended line from inbuf, without its CRLF; None if
+        it has not all arrived yet."""
+        end = inbuf.find(b'\n', self.scanned, limit + 2)
+        if end < 0:
+            if len(inbuf) > limit + 1:
+                raise BodyError('%s over %d bytes' % (what, limit))
+            self.scanned = len(inbuf)
+            return None
+        self.scanned = 0
+        line = bytes(inbuf[:end + 1])
+        del inbuf[:end + 1]
+        problem = control_problem(line[:-2]) or (
+            None if line.endswith(b'\r\n') else 'bare LF (not CRLF)')
+        if problem:
+            raise BodyError('%s in a %s' % (problem, what))
+        return line[:-2]
+
+    def start_chunk(self, line, body):
+        size, _, extensions = line.partition(b';')
+        if extensions:
+            size = size.rstrip(b' \t')      # BWS before the ';'
+        if (len(size) > MAX_CHUNK_SIZE_DIGITS
+                or not HEX_DIGITS.fullmatch(size)):
+            raise BodyError('chunk size %s is not 1 to %d hex digits' % (
+                shown(size.decode('latin-1')), MAX_CHUNK_SIZE_DIGITS))
+        self.left = int(size, 16)
+        if body.size + self.left > MAX_BODY_BYTES:
+            raise BodyError('chunked body over %d bytes' % MAX_BODY_BYTES)
+        self.step = CHUNK_DATA if self.left else TRAILER
+
+    def check_trailer(self, line):
+        self.trailer_bytes += len(line) + 2
+        self.trailer_lines += 1
+        if self.trailer_lines > MAX_HEADERS:
+            raise BodyError('more than %d trailer lines' % MAX_HEADERS)
+        name, colon, _ = line.partition(b':')
+        if not colon or not TOKEN.fullmatch(name.decode('latin-1')):
+            raise BodyError("trailer line is not 'Name: value': %s"
+                            % shown(line.decode('latin-1')))
+
+    def missing(self):
+        return 'chunked body not complete (%s)' % self.step
 
 
 class OutputBuffer(bytearray):
@@ -334,10 +513,21 @@ class OutputBuffer(bytearray):
         pass
 
 
+# A connection's states.
+IDLE = 'idle'           # between requests: waiting for a request's first byte
+HEAD = 'head'           # a request has begun: waiting for its blank line
+BODY = 'body'           # reading the request's body through self.reader
+CLOSING = 'closing'     # the last answer is written: sending it, dropping input
+LINGER = 'linger'       # the last answer is sent and we half-closed: dropping
+                        # what still arrives until LINGER_TIMEOUT
+CLOSED = 'closed'
+
+
 class Handler(BaseHTTPRequestHandler):
     """One client connection.  The loop hands it bytes as they arrive; each
     complete request head goes through the stock handle_one_request(), which
-    calls parse_request() below and then do_GET (or the fallback)."""
+    calls parse_request() below and then do_GET (or the fallback).  A body
+    is then fed to the reader its framing asks for."""
 
     server_version = 'kek'
     sys_version = ''            # the Server header names no Python version
@@ -350,17 +540,20 @@ class Handler(BaseHTTPRequestHandler):
         self.server = server
         host, port = client_address[:2]
         self.client = ('[%s]:%d' if ':' in host else '%s:%d') % (host, port)
+        self.state = IDLE
         self.inbuf = bytearray()
         self.wfile = OutputBuffer()
         self.scanned = 0          # bytes of inbuf already searched for a head
         self.key = None           # the current request's, from its first byte
         self.started = 0.0
         self.log = None           # the current, or last, request's log
-        self.body_left = 0
-        self.close_connection = False
-        self.linger = False       # closing while the client may still send
-        self.closing_at = None    # when the answers were sent and we half-closed
-        self.closed = False
+        self.reader = None        # the current request's body reader
+        self.body = None
+        self.close_connection = False   # the current request is the last
+        self.linger = False       # after the last answer, the client may still send
+        self.linger_until = 0.0
+        self.dropped = 0          # bytes that arrived after the last request
+        self.dropped_start = b''  # the start of the first of them, to show
         self.eof = False          # the client sent all it will send
         self.events = selectors.EVENT_READ
         self.active_at = time.monotonic()
@@ -385,68 +578,87 @@ class Handler(BaseHTTPRequestHandler):
             self.on_eof()
             return
         self.active_at = time.monotonic()
-        if not self.done():
+        if self.state is CLOSING or self.state is LINGER:
+            self.drop(data)
+        else:
             self.inbuf += data
             self.handle()
-        # else: answered and closing; what still arrives is dropped.
 
     def on_eof(self):
         self.eof = True
-        if self.key is not None:
+        if self.state is HEAD or self.state is BODY:
             self.abandon('the client closed the connection')
         elif self.wfile:
             # Half-closed by the client: send what it asked for, then close.
-            self.close_connection = True
+            self.state = CLOSING
             self.server.send_later(self)
         else:
             self.close()
 
-    def done(self):
-        """True once the last answer on this connection is written."""
-        return self.close_connection and self.key is None
-
     def handle(self):
         """Handle every request that is complete in inbuf, in order."""
-        while (self.inbuf and not self.done()
-               and len(self.wfile) < MAX_PENDING_OUTPUT):
-            if self.key is None:
-                # Blank lines before a request line are skipped (RFC 9112 2.2).
-                if self.inbuf[0] in b'\r\n':
-                    del self.inbuf[:len(self.inbuf)
-                                   - len(self.inbuf.lstrip(b'\r\n'))]
-                    continue
-                self.key = KEYS.next()
-                self.started = time.monotonic()
-                self.command = self.request_version = ''
-            if self.body_left:
-                dropped = min(self.body_left, len(self.inbuf))
-                del self.inbuf[:dropped]
-                self.body_left -= dropped
-                if not self.body_left:
-                    self.run_query()
-                continue
-            if not self.take_head():
+        while (self.inbuf and len(self.wfile) < MAX_PENDING_OUTPUT
+               and self.state in (IDLE, HEAD, BODY)):
+            if self.state is IDLE and not self.begin():
                 return
+            if self.state is BODY:
+                if not self.read_body():
+                    return
+            elif not self.take_head():
+                return
+
+    def begin(self):
+        """Start a request at inbuf's first byte; False if inbuf holds only
+        blank lines, which may come before a request line (RFC 9112 2.2)."""
+        blank = 0
+        while self.inbuf.startswith(b'\r\n', blank):
+            blank += 2
+        del self.inbuf[:blank]
+        if not self.inbuf or self.inbuf == b'\r':
+            return False
+        self.state = HEAD
+        self.key = KEYS.next()
+        self.started = time.monotonic()
+        self.command = self.request_version = ''
+        return True
 
     def take_head(self):
         """Run the request whose head is complete in inbuf; False if none is."""
         # Search only the new bytes: a client trickling its head byte by byte
         # must not make every arrival rescan all of it.
-        end = HEAD_END.search(self.inbuf, max(0, self.scanned - 2))
+        new = self.scanned
+        end = self.inbuf.find(b'\r\n\r\n', max(0, new - 3))
         self.scanned = len(self.inbuf)
-        size = end.start() + 1 if end else len(self.inbuf)
+        size = len(self.inbuf) if end < 0 else end + 2
         if size > MAX_HEAD_BYTES:
             self.fail('request head over %d bytes' % MAX_HEAD_BYTES)
             return False
-        if end is None:
+        # Every LF among the new bytes must end a CRLF; else the head could
+        # end, or a field start, where a front end sees none.
+        if (self.inbuf.count(b'\n', new, size)
+                != self.inbuf.count(b'\r\n', max(0, new - 1), size)):
+            return self.send_error(400, 'bare LF (not CRLF) in the request head')
+        if end < 0:
             if not METHOD_START.match(self.inbuf):
-                self.fail('not an HTTP request: %s' % self.inbuf[
-                    :MAX_SHOWN_CHARS].decode('utf-8', 'surrogateescape'))
+                self.fail('not an HTTP request: %s' % as_text(
+                    self.inbuf[:MAX_SHOWN_CHARS]))
             return False
-        self.rfile = io.BytesIO(self.inbuf[:end.start() + 1])
-        del self.inbuf[:end.end()]
+        self.rfile = io.BytesIO(self.inbuf[:end + 2])
+        del self.inbuf[:end + 4]
         self.scanned = 0
         self.handle_one_request()
+        return True
+
+    def read_body(self):
+        """Feed inbuf to the body reader; False if it needs more bytes."""
+        try:
+            if not self.reader.read(self.inbuf, self.body):
+                return False
+        except BodyError as error:
+            log_arrival(self)
+            self.fail(str(error))
+            return True
+        self.run_query()
         return True
 
     def send_output(self):
@@ -466,8 +678,8 @@ class Handler(BaseHTTPRequestHandler):
             if sent:
                 del self.wfile[:sent]
                 self.active_at = time.monotonic()
-        if not self.wfile and self.done() and self.closing_at is None:
-            if self.eof or not (self.linger or self.inbuf):
+        if not self.wfile and self.state is CLOSING:
+            if self.eof or not (self.linger or self.dropped):
                 self.close()        # nothing more is coming: a plain FIN
                 return
             # Half-close and drop what still arrives for a while: closing at
@@ -477,7 +689,8 @@ class Handler(BaseHTTPRequestHandler):
             except OSError:         # reset by the client meanwhile
                 self.close()
                 return
-            self.closing_at = time.monotonic()
+            self.state = LINGER
+            self.linger_until = time.monotonic() + LINGER_TIMEOUT
         if was_full and len(self.wfile) < MAX_PENDING_OUTPUT:
             self.handle()       # requests that waited for a slow reader
         events = selectors.EVENT_WRITE if self.wfile else 0
@@ -488,58 +701,69 @@ class Handler(BaseHTTPRequestHandler):
             self.server.selector.modify(self.request, events, self)
 
     def expired(self, now):
-        if self.closing_at is not None:
-            return now >= self.closing_at + LINGER_TIMEOUT
-        if (self.key is not None and not self.body_left
-                and now >= self.started + HEAD_TIMEOUT):
+        if self.state is LINGER:
+            return now >= self.linger_until
+        if self.state is HEAD and now >= self.started + HEAD_TIMEOUT:
             return True
         return now >= self.active_at + IDLE_TIMEOUT
 
     def expire(self):
         """The connection missed its deadline: say why, if a request was
         under way, and close."""
-        if self.closing_at is not None:
+        if self.state is LINGER:
             self.close()
         elif self.wfile:
             self.log.at('handler').error('client did not read its answer for'
                                          ' %g s; connection closed',
                                          IDLE_TIMEOUT)
             self.close()
-        elif self.body_left:
+        elif self.state is BODY:
             log_arrival(self)
-            self.fail('request body stalled: no byte for %g s, %d bytes'
-                      ' missing' % (IDLE_TIMEOUT, self.body_left))
-        elif self.key is not None:
+            self.fail('request body stalled: no byte for %g s, %s'
+                      % (IDLE_TIMEOUT, self.reader.missing()))
+        elif self.state is HEAD:
             self.fail('request head not complete within %g s (%d bytes'
                       ' received)' % (HEAD_TIMEOUT, len(self.inbuf)))
         else:
             self.close()
 
     def idle(self):
-        return (self.key is None and not self.wfile
-                and self.closing_at is None)
+        """True when closing the connection loses nothing: no request under
+        way and no answer waiting to be sent."""
+        return self.state in (IDLE, LINGER) and not self.wfile
 
     def abandon(self, reason):
         """Close in the middle of a request that cannot be answered."""
-        if self.body_left:
+        if self.state is BODY:
             log_arrival(self)
-            self.handler_log().error('%s; %d body bytes missing',
-                                     reason, self.body_left)
+            self.handler_log().error('%s; %s', reason, self.reader.missing())
         else:
             self.handler_log().error(
                 '%s before the request head was complete (%d bytes received)',
                 reason, len(self.inbuf))
         self.close()
 
+    def drop(self, data):
+        """Count, and keep the start of, bytes that arrive after the last
+        request: they are never read as a request."""
+        if not self.dropped:
+            self.dropped_start = bytes(data[:MAX_SHOWN_CHARS])
+        self.dropped += len(data)
+
     def handler_log(self):
         """The log for what the handler itself says about the request."""
         return RequestLog(self.key, self.started, 'handler')
 
     def close(self):
-        if not self.closed:
-            self.closed = True
-            self.server.forget(self)
-            self.request.close()
+        if self.state is CLOSED:
+            return
+        if self.dropped:
+            self.log.at('handler').error(
+                '%d bytes after the last request dropped unread: %s',
+                self.dropped, as_text(self.dropped_start))
+        self.state = CLOSED
+        self.server.forget(self)
+        self.request.close()
 
     # The stock handle_one_request() calls these.
 
@@ -547,34 +771,46 @@ class Handler(BaseHTTPRequestHandler):
         """Parse the head strictly, as RFC 9112 asks; False once the error is
         answered.  Sets command, path (the target exactly as sent),
         request_version, close_connection and headers (a dict of lower-case
-        names; repeated fields joined with ', ')."""
+        names; repeated fields joined with ', ').  Each step is linear in the
+        head's size: no pattern here can backtrack."""
         head = self.raw_requestline + self.rfile.read()
-        if b'\0' in head or head.count(b'\r') != head.count(b'\r\n'):
-            return self.send_error(400, 'NUL or bare CR in the request head')
-        lines = head.decode('utf-8', 'surrogateescape').replace(
-            '\r\n', '\n').split('\n')[:-1]
+        problem = control_problem(head.replace(b'\r\n', b''))
+        if problem:
+            return self.send_error(400, '%s in the request head' % problem)
+        lines = head.decode('utf-8', 'surrogateescape').split('\r\n')[:-1]
         match = REQUEST_LINE.fullmatch(lines[0])
         if not match:
             return self.send_error(400, "request line is not 'METHOD TARGET"
-                                   " HTTP/1.x': %s" % lines[0][:MAX_SHOWN_CHARS])
+                                   " HTTP/1.x': %s" % shown(lines[0]))
         self.command, self.path, minor = match.groups()
         self.request_version = 'HTTP/1.' + minor
+        if '#' in self.path:
+            return self.send_error(400, 'request target with a # fragment')
         if len(lines) - 1 > MAX_HEADERS:
             return self.send_error(400, 'more than %d header lines'
                                    % MAX_HEADERS)
         headers = {}
+        hosts = 0
         for line in lines[1:]:
-            match = HEADER_LINE.fullmatch(line)
-            if not match:
+            name, colon, value = line.partition(':')
+            if not colon or not TOKEN.fullmatch(name):
                 return self.send_error(400, "header line is not 'Name: value'"
-                                       ": %s" % line[:MAX_SHOWN_CHARS])
-            name, value = match.groups()
+                                       ": %s" % shown(line))
             name = name.lower()
-            headers[name] = headers[name] + ', ' + value if name in headers else value
+            value = value.strip(' \t')
+            if name in headers:
+                headers[name] += ', ' + value
+            else:
+                headers[name] = value
+            if name == 'host':
+                hosts += 1
+        if hosts > 1 or (hosts == 0 and minor == '1'):
+            return self.send_error(400, '%d Host headers in an HTTP/1.%s'
+                                   ' request' % (hosts, minor))
         self.headers = headers
         connection = ()
         if 'connection' in headers:
-            connection = {token.strip() for token in
+            connection = {token.strip(' \t') for token in
                           headers['connection'].lower().split(',')}
         if minor == '0':
             self.close_connection = 'keep-alive' not in connection
@@ -592,44 +828,62 @@ class Handler(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self):
-        """Every request that parses comes here, GET or not: check how its
-        body is framed, drop the body, then run query()."""
+        """Every request that parses comes here, GET or not: choose the
+        reader for its body, then run query() once the body has come."""
         self.log = RequestLog(self.key, self.started, 'query')
-        url_path, _, query_string = self.path.partition('?')
-        self.url_path = url_path
-        self.params = parse_qs(query_string, keep_blank_values=True,
-                               errors='surrogateescape')
-        problem = self.body_problem()
-        if problem:
+        self.url_path = target_path(self.path)
+        self.declared = None      # the body's length as declared, or 'chunked'
+        self.params = parse_qs(self.path.partition('?')[2],
+                               keep_blank_values=True, errors='surrogateescape')
+        try:
+            self.reader = self.body_reader()
+        except BodyError as error:
             log_arrival(self)
-            self.fail(problem)
-        elif self.body_length:
-            if ('100-continue' in self.headers.get('expect', '').lower()
-                    and self.request_version != 'HTTP/1.0'):
-                self.wfile.write(CONTINUE)
-                self.server.send_later(self)
-            self.body_left = self.body_length
-        else:
+            self.fail(str(error))
+            return
+        if self.reader is None:
             self.run_query()
+            return
+        if ('100-continue' in self.headers.get('expect', '').lower()
+                and self.request_version != 'HTTP/1.0'):
+            self.wfile.write(CONTINUE)
+            self.server.send_later(self)
+        self.body = Body()
+        self.state = BODY
 
-    def body_problem(self):
-        """Set body_length from Content-Length; the error if the body's end
-        cannot be known for sure, so the connection must close."""
-        self.body_length = 0
-        if 'transfer-encoding' in self.headers:
-            return 'Transfer-Encoding %s is not supported' % (
-                self.headers['transfer-encoding'][:MAX_SHOWN_CHARS])
-        if 'content-length' not in self.headers:
+    def body_reader(self):
+        """The reader for this request's body, or None if it has none.
+        Raises BodyError if the body's end cannot be known for sure."""
+        coding = self.headers.get('transfer-encoding')
+        length = self.headers.get('content-length')
+        if coding is not None:
+            if self.request_version == 'HTTP/1.0':
+                raise BodyError('Transfer-Encoding on an HTTP/1.0 request')
+            if length is not None:
+                raise BodyError('Transfer-Encoding together with'
+                                ' Content-Length')
+            if coding.lower() != 'chunked':
+                raise BodyError('Transfer-Encoding %s is not supported, only'
+                                ' chunked' % shown(coding))
+            self.declared = 'chunked'
+            return ChunkedReader()
+        if length is None:
             return None
-        values = {v.strip() for v in self.headers['content-length'].split(',')}
-        if len(values) != 1 or not DIGITS.fullmatch(next(iter(values))):
-            return 'Content-Length %s is not one length' % (
-                self.headers['content-length'][:MAX_SHOWN_CHARS])
-        self.body_length = int(values.pop())
-        if self.body_length > MAX_BODY_BYTES:
-            return 'body of %d bytes is over %d' % (self.body_length,
-                                                   MAX_BODY_BYTES)
-        return None
+        # Equal repeated values are one length (RFC 9110 8.6); spaces and
+        # tabs around each are allowed, and nothing else.
+        values = {value.strip(' \t') for value in length.split(',')}
+        value = values.pop() if len(values) == 1 else ''
+        if not DIGITS.fullmatch(value):
+            raise BodyError('Content-Length %s is not one length'
+                            % shown(length))
+        if len(value) > MAX_LENGTH_DIGITS:      # before int() reads them all
+            raise BodyError('Content-Length of %d digits is over %d'
+                            % (len(value), MAX_LENGTH_DIGITS))
+        size = self.declared = int(value)
+        if size > MAX_BODY_BYTES:
+            raise BodyError('body of %d bytes is over %d'
+                            % (size, MAX_BODY_BYTES))
+        return LengthReader(size) if size else None
 
     def run_query(self):
         try:
@@ -646,6 +900,8 @@ class Handler(BaseHTTPRequestHandler):
         self.fail_with(log, reason)
 
     def fail_with(self, log, reason):
+        # What inbuf still holds belongs to the failed request.
+        del self.inbuf[:]
         self.close_connection = self.linger = True
         self.answer(log, [reason])
 
@@ -677,7 +933,13 @@ class Handler(BaseHTTPRequestHandler):
         else:
             log.info('responded 200 status=ok%s', closing)
         self.log = log
-        self.key = None
+        self.key = self.reader = self.body = None
+        if self.close_connection:
+            self.state = CLOSING
+            self.drop(self.inbuf)       # pipelined after the last request
+            del self.inbuf[:]
+        else:
+            self.state = IDLE
         self.server.send_later(self)
 
 
@@ -695,9 +957,12 @@ def log_arrival(request):
     text = '%s %s params=%s client=%s' % (
         request.command, request.path, READABLE_JSON(request.params),
         request.client)
-    if request.body_length:
-        fields['body_bytes'] = request.body_length
-        text += ' body=%d' % request.body_length
+    if request.declared == 'chunked':
+        fields['transfer_encoding'] = 'chunked'
+        text += ' body=chunked'
+    elif request.declared:
+        fields['body_bytes'] = request.declared
+        text += ' body=%d' % request.declared
     for name in ('x-request-id', 'traceparent'):
         if name in request.headers:
             value = request.headers[name][:MAX_SHOWN_CHARS]
@@ -706,11 +971,19 @@ def log_arrival(request):
     request.log.info(text, extra={'fields': fields})
 
 
+def log_body(body, log):
+    """The body record, once a body has arrived whole: the same for both
+    framings, since the size is that of the decoded bytes."""
+    log.info('body %d bytes', body.size)
+
+
 def query(request):
     """Log the incoming request, check method, path and parameters, then run
     the chain.  Returns the errors, each also logged; none if all went well."""
     log = request.log
     log_arrival(request)
+    if request.body is not None:
+        log_body(request.body, log)
     errors = []
     if request.command != 'GET':
         errors.append('method %s is not allowed' % request.command)
@@ -820,7 +1093,7 @@ class Server:
                     break
                 if now >= stop_at:
                     for handler in list(self.handlers):
-                        if handler.key is not None:
+                        if handler.state is HEAD or handler.state is BODY:
                             handler.abandon('server stopping')
                         handler.close()
                     flush_log()
@@ -829,7 +1102,7 @@ class Server:
     def guard(self, handler, action):
         """Run one connection's action.  A bug must cost that connection, not
         the server: it is logged with its traceback and the connection closed."""
-        if handler.closed:
+        if handler.state is CLOSED:
             return
         try:
             action()
@@ -920,7 +1193,7 @@ def read_settings(argv, environ):
     args = parser.parse_args(argv)
     port_name, port = (('--port', args.port) if args.port is not None
                        else ('PORT', environ.get('PORT', str(DEFAULT_PORT))))
-    if not DIGITS.fullmatch(port) or int(port) > 65535:
+    if not DIGITS.fullmatch(port) or len(port) > 5 or int(port) > 65535:
         raise SettingError('%s=%r is not a port number (0-65535)'
                            % (port_name, port))
     host_name, host = (('--host', args.host) if args.host is not None

@@ -202,9 +202,10 @@ def test_every_method_but_get_is_an_error_answered_200(trap, method):
     chain = trap.chain(key)
     assert chain[0][2].startswith('%s /api?x=1 ' % method)
     assert chain[0][2].endswith(' body=4')
-    assert chain[1] == ('ERROR', 'query', 'method %s is not allowed' % method)
-    assert chain[2] == ('ERROR', 'query', 'responded 200 status=error')
-    assert len(chain) == 3          # no processX ran
+    assert chain[1] == ('INFO ', 'query', 'body 4 bytes')
+    assert chain[2] == ('ERROR', 'query', 'method %s is not allowed' % method)
+    assert chain[3] == ('ERROR', 'query', 'responded 200 status=error')
+    assert len(chain) == 4          # no processX ran
 
 
 def test_head_gets_the_same_headers_and_no_body(trap):
@@ -231,16 +232,17 @@ def test_server_header_does_not_reveal_python(trap):
 
 
 @pytest.mark.parametrize('path', ['/', '/api/', '/apix', '/API', '//api',
-                                  '/api/../api', 'http://x/api', '/%61pi'])
+                                  '/api/../api', 'http://x/api/', 'http://x', '/%61pi'])
 def test_path_other_than_api_as_sent_is_an_error(trap, path):
     with trap.connect() as sock:
         sock.sendall(b'GET %s?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close'
                      b'\r\n\r\n' % path.encode())
         [(status, headers, body)] = parse_responses(recv_until_closed(sock))
     assert status == 'HTTP/1.1 200 OK'
-    assert error_body(body) == ['path %s is not /api' % path]
+    shown_path = kek.target_path(path)
+    assert error_body(body) == ['path %s is not /api' % shown_path]
     chain = trap.chain(headers['X-Request-Id'])
-    assert chain[1] == ('ERROR', 'query', 'path %s is not /api' % path)
+    assert chain[1] == ('ERROR', 'query', 'path %s is not /api' % shown_path)
     assert len(chain) == 3
 
 
@@ -310,9 +312,9 @@ def test_bug_outside_query_costs_one_connection_not_the_server(trap,
                                                                monkeypatch):
     def broken(self):
         raise RuntimeError('bug')
-    monkeypatch.setattr(kek.Handler, 'body_problem', broken)
+    monkeypatch.setattr(kek.Handler, 'body_reader', broken)
     with trap.connect() as sock:
-        sock.sendall(b'GET /api HTTP/1.1\r\n\r\n')
+        sock.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\n\r\n')
         assert recv_until_closed(sock) == b''
     line = wait_for(lambda: [l for l in trap.lines() if 'unexpected' in l])[0]
     assert re.search(r' ERROR main unexpected error on the connection from '
@@ -415,22 +417,33 @@ def test_authorization_and_cookie_are_never_logged(trap):
 
 def test_hostile_bytes_never_split_forge_or_colour_a_line(trap):
     other = trap.request()[0].getheader('X-Request-Id')
-    target = ('/api?q=%0d%0a' + other + '%20+0.000ms%20ERROR&c=\x1b[31m'
+    target = ('/api?q=%0d%0a' + other + '%20+0.000ms%20ERROR&c=%1b[31m'
               '\u202e\u2028\u2029\u0085"\'\\').encode() + b'\xff\xfe&r=\xd0\xbf'
     head = (b'GET ' + target + b' HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
-            b'X-Request-Id: \x1b[0m' + other.encode() + b' \xe2\x80\xae\r\n\r\n')
+            b'X-Request-Id: \xe2\x80\xae' + other.encode() + b' \xc2\x9b\r\n\r\n')
     [(status, headers, body)] = parse_responses(trap.exchange(head))
     key = headers['X-Request-Id']
     lines = trap.lines()
     assert len(lines) == 10             # two chains of five, one line each
     assert len(trap.chain(other)) == 5
     arrival = trap.chain(key)[0][2]
-    for escaped in ('\\x1b[31m', '\\u202e', '\\u2028', '\\u2029', '\\x85',
-                    '\\udcff\\udcfe', '\\\\', '\\\\u001b[0m',
-                    '\\\\r\\\\n'):   # CR LF: JSON-escaped, then escaped
+    for escaped in ('\\\\u001b[31m', '\\u202e', '\\u2028', '\\u2029', '\\x85',
+                    '\\x9b', '\\udcff\\udcfe', '\\\\', '\\\\r\\\\n'):
         assert escaped in arrival
     assert '"r": ["п"]' in arrival      # readable text stays readable
     assert json.loads(body)['status'] == 'ok'
+
+
+@pytest.mark.parametrize('data', [
+    b'GET /api?c=\x1b[31m HTTP/1.1\r\nHost: x\r\n\r\n',
+    b'GET /api HTTP/1.1\r\nHost: x\r\nX-Request-Id: \x1b[0m\r\n\r\n',
+    b'GET /api HTTP/1.1\r\nHost: x\r\nX: \x7f\r\n\r\n',
+])
+def test_raw_control_characters_in_a_head_are_refused(trap, data):
+    char = re.search(rb'[\x00-\x08\x0a-\x1f\x7f](?<!\r\n)', data.replace(b'\r\n', b''))
+    assert_error_and_closed(trap, data, 'control character 0x%02x in the'
+                            ' request head' % char.group()[0])
+    assert b'\x1b' not in trap.log_path.read_bytes()
 
 
 def test_escape_keeps_printable_text_and_escapes_the_rest():
@@ -660,8 +673,9 @@ def assert_error_and_closed(trap, data, error):
      "header line is not 'Name: value':  folded: x"),
     (b'GET /api HTTP/1.1\r\nA: b\r\n\tc\r\n\r\n',
      "header line is not 'Name: value': \tc"),
-    (b'GET /api HTTP/1.1\r\nA: b\0c\r\n\r\n', 'NUL or bare CR in the request head'),
-    (b'GET /api HTTP/1.1\r\nA: b\rc\r\n\r\n', 'NUL or bare CR in the request head'),
+    (b'GET /api HTTP/1.1\r\nA: b\0c\r\n\r\n',
+     'control character 0x00 in the request head'),
+    (b'GET /api HTTP/1.1\r\nA: b\rc\r\n\r\n', 'bare CR (not CRLF) in the request head'),
     (b'GET /api HTTP/1.1\r\n' + b'A: b\r\n' * 101 + b'\r\n',
      'more than 100 header lines'),
 ])
@@ -673,7 +687,8 @@ def test_unparseable_request_is_answered_200_and_closed(trap, data, error):
 
 
 def test_100_headers_are_fine(trap):
-    data = b'GET /api HTTP/1.1\r\n' + b'A: b\r\n' * 99 + b'Connection: close\r\n\r\n'
+    data = b'GET /api HTTP/1.1\r\nHost: x\r\n' + b'A: b\r\n' * 98 + \
+        b'Connection: close\r\n\r\n'
     [(status, headers, body)] = parse_responses(trap.exchange(data))
     assert json.loads(body)['status'] == 'ok'
 
@@ -699,14 +714,14 @@ def test_a_complete_head_over_64_kib_is_refused(trap):
 
 def test_a_head_just_under_the_limit_is_fine(trap):
     target = b'/api?x=' + b'a' * (kek.MAX_HEAD_BYTES - 100)
-    data = b'GET ' + target + b' HTTP/1.1\r\nConnection: close\r\n\r\n'
+    data = b'GET ' + target + b' HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
     [(status, headers, body)] = parse_responses(trap.exchange(data))
     assert json.loads(body)['status'] == 'ok'
 
 
-def test_bare_lf_line_ends_and_leading_blank_lines_are_accepted(trap):
-    data = b'\r\n\r\nGET /api?a=1 HTTP/1.1\nHost: x\n\nGET /api?b=1 HTTP/1.1\n' \
-           b'Connection: close\r\n\n'
+def test_leading_blank_lines_are_skipped(trap):
+    data = b'\r\n\r\nGET /api?a=1 HTTP/1.1\r\nHost: x\r\n\r\n\r\nGET /api?b=1 ' \
+           b'HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
     answers = parse_responses(trap.exchange(data))
     assert [json.loads(body)['status'] for _, _, body in answers] == ['ok', 'ok']
 
@@ -749,7 +764,7 @@ def test_http_1_0_closes_unless_asked_to_keep_alive(trap):
 def test_pipelined_requests_are_answered_in_order(trap):
     data = b''.join(b'GET /api?n=%d HTTP/1.1\r\nHost: x\r\n\r\n' % n
                     for n in range(20)) + b'GET /api?n=20 HTTP/1.1\r\n' \
-        b'Connection: close\r\n\r\n'
+        b'Host: x\r\nConnection: close\r\n\r\n'
     answers = parse_responses(trap.exchange(data))
     keys = [headers['X-Request-Id'] for _, headers, _ in answers]
     assert keys == sorted(keys) and len(set(keys)) == 21
@@ -767,9 +782,9 @@ def test_body_is_read_and_its_size_logged(trap):
 
 def test_body_arriving_in_pieces_is_read_before_the_answer(trap):
     with trap.connect() as sock:
-        sock.sendall(b'POST /api HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234')
+        sock.sendall(b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234')
         time.sleep(0.05)        # let the server see the first half alone
-        sock.sendall(b'56789GET /api HTTP/1.1\r\nConnection: close\r\n\r\n')
+        sock.sendall(b'56789GET /api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
         answers = parse_responses(recv_until_closed(sock))
     assert [error_body(answers[0][2]), json.loads(answers[1][2])['status']] == [
         ['method POST is not allowed'], 'ok']
@@ -777,7 +792,10 @@ def test_body_arriving_in_pieces_is_read_before_the_answer(trap):
 
 @pytest.mark.parametrize('headers, error', [
     (b'Content-Length: 1048577\r\n', 'body of 1048577 bytes is over 1048576'),
-    (b'Transfer-Encoding: chunked\r\n', 'Transfer-Encoding chunked is not supported'),
+    (b'Transfer-Encoding: gzip, chunked\r\n',
+     'Transfer-Encoding gzip, chunked is not supported, only chunked'),
+    (b'Transfer-Encoding: chunked\r\nContent-Length: 5\r\n',
+     'Transfer-Encoding together with Content-Length'),
     (b'Content-Length: -1\r\n', 'Content-Length -1 is not one length'),
     (b'Content-Length: abc\r\n', 'Content-Length abc is not one length'),
     (b'Content-Length: 5\r\nContent-Length: 6\r\n',
@@ -803,7 +821,7 @@ def test_a_body_of_unknown_or_excessive_length_is_refused_and_closed(
 
 
 def test_duplicated_equal_content_lengths_are_one_length(trap):
-    data = (b'POST /api HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n'
+    data = (b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n'
             b'Connection: close\r\n\r\nhello')
     [(_, headers, body)] = parse_responses(trap.exchange(data))
     assert error_body(body) == ['method POST is not allowed']
@@ -812,7 +830,7 @@ def test_duplicated_equal_content_lengths_are_one_length(trap):
 
 def test_an_oversized_body_is_not_read_whole(trap):
     with trap.connect() as sock:
-        sock.sendall(b'POST /api HTTP/1.1\r\nContent-Length: 100000000\r\n\r\n')
+        sock.sendall(b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n')
         sock.sendall(b'x' * 100000)
         [(_, headers, body)] = parse_responses(recv_until_closed(sock))
     assert error_body(body) == ['body of 100000000 bytes is over 1048576']
@@ -820,7 +838,7 @@ def test_an_oversized_body_is_not_read_whole(trap):
 
 def test_expect_100_continue_invites_a_body_that_fits(trap):
     with trap.connect() as sock:
-        sock.sendall(b'PUT /api HTTP/1.1\r\nExpect: 100-continue\r\n'
+        sock.sendall(b'PUT /api HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n'
                      b'Content-Length: 5\r\nConnection: close\r\n\r\n')
         assert wait_for(lambda: sock.recv(65536)) == \
             b'HTTP/1.1 100 Continue\r\n\r\n'
@@ -831,7 +849,7 @@ def test_expect_100_continue_invites_a_body_that_fits(trap):
 
 def test_expect_100_continue_is_refused_for_a_body_too_big(trap):
     with trap.connect() as sock:
-        sock.sendall(b'PUT /api HTTP/1.1\r\nExpect: 100-continue\r\n'
+        sock.sendall(b'PUT /api HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n'
                      b'Content-Length: 2000000\r\n\r\n')
         [(status, headers, body)] = parse_responses(recv_until_closed(sock))
     assert status == 'HTTP/1.1 200 OK'
@@ -855,7 +873,7 @@ def test_a_body_without_content_length_is_not_taken_for_a_request(trap):
 
 def test_junk_after_a_head_request_still_gets_its_error_body(trap):
     answers = parse_responses(trap.exchange(
-        b'GET /api HTTP/1.1\r\n\r\n{"json": "body"}'))
+        b'GET /api HTTP/1.1\r\nHost: x\r\n\r\n{"json": "body"}'))
     assert error_body(answers[1][2]) == ['not an HTTP request: {"json": "body"}']
 
 
@@ -882,7 +900,7 @@ def test_a_head_trickled_byte_by_byte_is_cut_at_its_deadline(trap, fast):
 
 def test_an_idle_keep_alive_connection_is_closed_silently(trap, fast):
     with trap.connect() as sock:
-        sock.sendall(b'GET /api HTTP/1.1\r\n\r\n')
+        sock.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\n\r\n')
         started = time.monotonic()
         data = recv_until_closed(sock)
         assert 0.4 <= time.monotonic() - started < 1.5
@@ -892,9 +910,9 @@ def test_an_idle_keep_alive_connection_is_closed_silently(trap, fast):
 
 def test_a_stalled_body_is_cut_and_its_request_ends_with_an_error(trap, fast):
     with trap.connect() as sock:
-        sock.sendall(b'POST /api?b=1 HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234')
+        sock.sendall(b'POST /api?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234')
         [(_, headers, body)] = parse_responses(recv_until_closed(sock))
-    error = 'request body stalled: no byte for 0.5 s, 5 bytes missing'
+    error = 'request body stalled: no byte for 0.5 s, 5 body bytes missing'
     assert error_body(body) == [error]
     chain = trap.chain(headers['X-Request-Id'])
     assert chain[0][:2] == ('INFO ', 'query')
@@ -924,8 +942,9 @@ def test_a_client_that_leaves_mid_head_is_logged_under_a_key(trap, reset):
 
 def test_a_client_that_leaves_mid_body_is_logged_under_its_key(trap):
     sock = trap.connect()
-    sock.sendall(b'POST /api HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234')
-    wait_for(lambda: all(h.body_left == 5 for h in trap.server.handlers))
+    sock.sendall(b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234')
+    wait_for(lambda: all(h.reader and h.reader.left == 5
+                         for h in trap.server.handlers))
     sock.close()
     [key] = wait_for(trap.keys)
     chain = trap.wait_chain(key, 2)
@@ -937,7 +956,7 @@ def test_a_client_that_leaves_mid_body_is_logged_under_its_key(trap):
 
 def test_a_half_closed_client_still_gets_its_answers(trap):
     with trap.connect() as sock:
-        sock.sendall(b'GET /api?a=1 HTTP/1.1\r\n\r\nGET /api?b=1 HTTP/1.1\r\n\r\n')
+        sock.sendall(b'GET /api?a=1 HTTP/1.1\r\nHost: x\r\n\r\nGET /api?b=1 HTTP/1.1\r\nHost: x\r\n\r\n')
         sock.shutdown(socket.SHUT_WR)
         answers = parse_responses(recv_until_closed(sock))
     assert [json.loads(body)['status'] for _, _, body in answers] == ['ok', 'ok']
@@ -950,12 +969,12 @@ def flood_without_reading(trap, count=400):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(('127.0.0.1', trap.port))
-    data = b'GET /' + b'a' * 20000 + b' HTTP/1.1\r\n\r\n'
+    data = b'GET /' + b'a' * 20000 + b' HTTP/1.1\r\nHost: x\r\n\r\n'
 
     def send():
         try:
             sock.sendall(data * count + b'GET /api HTTP/1.1\r\n'
-                         b'Connection: close\r\n\r\n')
+                         b'Host: x\r\nConnection: close\r\n\r\n')
         except OSError:
             pass        # cut by the server
     threading.Thread(target=send, daemon=True).start()
@@ -1005,7 +1024,7 @@ def test_a_burst_of_300_connects_is_accepted_and_answered(trap):
     socks = [socket.create_connection(('127.0.0.1', trap.port), timeout=5)
              for _ in range(300)]
     for sock in socks:
-        sock.sendall(b'GET /api HTTP/1.1\r\nConnection: close\r\n\r\n')
+        sock.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
     for sock in socks:
         [(status, _, _)] = parse_responses(recv_until_closed(sock))
         assert status == 'HTTP/1.1 200 OK'
@@ -1046,22 +1065,32 @@ def test_shutdown_gives_up_on_requests_after_the_grace(trap, monkeypatch):
     monkeypatch.setattr(kek, 'SHUTDOWN_GRACE', 0.2)
     stuck = trap.connect()
     stuck.sendall(b'GET /api?stuck=1 HTTP/1.1\r\n')
-    lingering = trap.connect()
-    lingering.sendall(b'GARBAGE\r\n\r\n')
-    wait_for(lambda: len(trap.server.handlers) == 2 and all(
-        h.inbuf or h.closing_at for h in trap.server.handlers))
+    wait_for(lambda: [h for h in trap.server.handlers if h.state is kek.HEAD])
+    unread = flood_without_reading(trap)    # answers wait: not idle either
     trap.server.shutdown()
     trap.thread.join(5)
     assert not trap.thread.is_alive()
-    chains = sorted(len(trap.chain(key)) for key in trap.keys())
-    assert chains == [1, 2]     # the stuck request, and the answered garbage
     [stuck_key] = [key for key in trap.keys() if len(trap.chain(key)) == 1]
     assert trap.chain(stuck_key) == [(
         'ERROR', 'handler', 'server stopping before the request head was'
         ' complete (27 bytes received)')]
+    assert not trap.server.handlers
     stuck.close()
-    lingering.close()
+    unread.close()
     trap.server.shutdown()      # a second call is harmless
+
+
+def test_shutdown_does_not_wait_for_a_lingering_client(trap, monkeypatch):
+    monkeypatch.setattr(kek, 'SHUTDOWN_GRACE', 60)
+    monkeypatch.setattr(kek, 'LINGER_TIMEOUT', 60)
+    with trap.connect() as lingering:
+        lingering.sendall(b'GARBAGE\r\n\r\n')
+        assert recv_until_closed(lingering)     # answered, and half-closed
+        [handler] = trap.server.handlers
+        wait_for(lambda: handler.state is kek.LINGER)
+        trap.server.shutdown()
+        trap.thread.join(5)
+        assert not trap.thread.is_alive()
 
 
 def test_shutdown_after_close_is_harmless(tmp_path):
@@ -1185,7 +1214,7 @@ def test_sigterm_lets_a_request_in_flight_finish(tmp_path):
     kek_process = Process(tmp_path)
     kek_process.wait_listening()
     with socket.create_connection(('127.0.0.1', kek_process.port)) as sock:
-        sock.sendall(b'POST /api HTTP/1.1\r\nContent-Length: 10\r\n\r\n01234')
+        sock.sendall(b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234')
         wait_for(lambda: len(kek_process.log_path.read_text().splitlines()) == 1
                  and time.sleep(0.1) is None)
         kek_process.proc.send_signal(signal.SIGTERM)
@@ -1245,7 +1274,7 @@ def test_methods_fall_back_to_do_get_but_other_names_do_not(harness):
 def test_a_spurious_wakeup_reads_nothing(harness):
     _, handler, client = harness
     handler.on_readable()
-    assert not handler.closed and handler.inbuf == b''
+    assert handler.state is kek.IDLE and handler.inbuf == b''
     client.sendall(b'GET')
     wait_for(lambda: select.select([handler.request], [], [], 0)[0])
     handler.on_readable()
@@ -1256,16 +1285,16 @@ def test_eof_with_answers_pending_sends_them_then_closes(harness):
     server, handler, client = harness
     handler.wfile.write(b'the answer')
     handler.on_eof()
-    assert handler.close_connection and handler in server.to_send
+    assert handler.state is kek.CLOSING and handler in server.to_send
     handler.send_output()
-    assert handler.closed
+    assert handler.state is kek.CLOSED
     assert recv_until_closed(client) == b'the answer'
 
 
 def test_sending_nothing_changes_nothing(harness):
     _, handler, _ = harness
     handler.send_output()
-    assert not handler.closed and handler.events == selectors.EVENT_READ
+    assert handler.state is kek.IDLE and handler.events == selectors.EVENT_READ
 
 
 def test_a_reset_before_the_half_close_just_closes(harness):
@@ -1274,16 +1303,17 @@ def test_a_reset_before_the_half_close_just_closes(harness):
                       b'\x01\x00\x00\x00\x00\x00\x00\x00')
     client.close()
     wait_for(lambda: select.select([handler.request], [], [], 0)[0])
-    handler.close_connection = handler.linger = True   # as after an error
+    handler.state = kek.CLOSING                         # as after an error
+    handler.linger = True
     handler.send_output()
-    assert handler.closed and handler.closing_at is None
+    assert handler.state is kek.CLOSED
 
 
 def test_guard_leaves_a_closed_handler_alone(harness):
     server, handler, _ = harness
     handler.close()
     server.guard(handler, lambda: 1 / 0)
-    assert handler.closed and not server.handlers
+    assert handler.state is kek.CLOSED and not server.handlers
 
 
 def test_stopping_to_accept_twice_is_harmless(harness):
@@ -1333,18 +1363,27 @@ def test_records_work_with_any_stock_formatter(tmp_path):
         ' INFO kek (unknown file):0 None None None hello you\n')
 
 
-def test_bytes_after_a_request_that_asked_to_close_are_never_read(trap):
-    data = (b'GET /api?a=1 HTTP/1.1\r\nConnection: close\r\n\r\n'
-            b'GET /api?b=1 HTTP/1.1\r\n\r\n')
-    [(_, headers, body)] = parse_responses(trap.exchange(data))
+def test_bytes_after_a_request_that_asked_to_close_are_counted_not_read(
+        trap):
+    extra = b'GET /api?b=1 HTTP/1.1\r\nHost: x\r\n\r\n'
+    with trap.connect() as sock:
+        sock.sendall(b'GET /api?a=1 HTTP/1.1\r\nHost: x\r\nConnection: close'
+                     b'\r\n\r\n' + extra)
+        [(_, headers, body)] = parse_responses(recv_until_closed(sock))
+        sock.sendall(b'x' * 300)    # while the server lingers
     assert json.loads(body)['status'] == 'ok'
-    assert trap.keys() == [headers['X-Request-Id']]
+    key = headers['X-Request-Id']
+    assert trap.keys() == [key]
+    last = trap.wait_chain(key, 6)[-1]
+    assert last == ('ERROR', 'handler', '%d bytes after the last request'
+                    ' dropped unread: %s' % (len(extra) + 300,
+                                             kek.escape(extra.decode())))
 
 
 def test_a_client_that_asked_to_close_is_closed_at_once(trap, monkeypatch):
     monkeypatch.setattr(kek, 'LINGER_TIMEOUT', 60)
     with trap.connect() as sock:
-        sock.sendall(b'GET /api HTTP/1.1\r\nConnection: close\r\n\r\n')
+        sock.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
         [(status, _, _)] = parse_responses(recv_until_closed(sock))
         # The client has not closed its side, yet the server is done with it:
         # no half-close and linger when nothing more can come.
@@ -1366,3 +1405,337 @@ def test_a_burst_of_connects_waits_in_the_listen_backlog(harness):
              timeout=0.9, what='all 300 connects accepted')
     for sock in clients:
         sock.close()
+
+
+# -- Framing: RFC 9112 conformance ---------------------------------------------
+
+def outcomes(trap, data):
+    """Send data on one connection, half-close, and say what each answer was:
+    'ok', 'ok N' for an ok request whose body record says N bytes, or the
+    error.  The length of the list is how many requests the stream held."""
+    with trap.connect() as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        answers = parse_responses(recv_until_closed(sock))
+    said = []
+    for status, headers, body in answers:
+        if ' 100 ' in status:
+            continue
+        answer = json.loads(body)
+        if answer['status'] == 'ok':
+            sizes = [message for _, where, message in trap.chain(
+                headers['X-Request-Id']) if message.startswith('body ')]
+            said.append(' '.join(['ok'] + [m.split()[1] for m in sizes]))
+        else:
+            said.append(answer['errors'][0])
+    return said
+
+
+H = b'GET /api HTTP/1.1\r\nHost: x\r\n'
+CHUNKED = H + b'Transfer-Encoding: chunked\r\n\r\n'
+CLOSE = b'GET /api?last=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+
+CONFORMANCE = [
+    # Heads that are accepted.
+    ('get', H + b'\r\n', ['ok']),
+    ('http/1.0 needs no host', b'GET /api HTTP/1.0\r\n\r\n', ['ok']),
+    ('pipelined', H + b'\r\n' + H + b'\r\n', ['ok', 'ok']),
+    ('blank lines first', b'\r\n\r\n' + H + b'\r\n', ['ok']),
+    ('absolute form', b'GET http://x/api?a=1 HTTP/1.1\r\nHost: x\r\n\r\n',
+     ['ok']),
+    ('absolute form, https, upper case', b'GET HTTPS://x:1/api HTTP/1.1\r\n'
+     b'Host: x\r\n\r\n', ['ok']),
+    ('spaces and tabs around a value', H + b'X: \t v \t\r\n\r\n', ['ok']),
+    ('empty value', H + b'X:\r\n\r\n', ['ok']),
+    ('obs-text in a value', H + b'X: \xff\xfe\x80\r\n\r\n', ['ok']),
+    ('close drops what follows', H + b'Connection: close\r\n\r\n' + H + b'\r\n',
+     ['ok']),
+    ('http/1.0 keep-alive', b'GET /api HTTP/1.0\r\nConnection: keep-alive\r\n'
+     b'\r\nGET /api HTTP/1.0\r\n\r\n', ['ok', 'ok']),
+    # Content-Length bodies.
+    ('length', H + b'Content-Length: 5\r\n\r\nhello', ['ok 5']),
+    ('length with spaces and tabs', H + b'Content-Length: \t 5 \t\r\n\r\nhello',
+     ['ok 5']),
+    ('length 0', H + b'Content-Length: 0\r\n\r\n' + H + b'\r\n', ['ok', 'ok']),
+    ('equal lengths in a list', H + b'Content-Length: 5, 5\r\n\r\nhello',
+     ['ok 5']),
+    ('equal lengths repeated', H + b'Content-Length: 5\r\nContent-Length: 5'
+     b'\r\n\r\nhello', ['ok 5']),
+    ('length, then pipelined', H + b'Content-Length: 3\r\n\r\nabc' + H
+     + b'\r\n', ['ok 3', 'ok']),
+    # Chunked bodies.
+    ('chunked, lower-case hex', CHUNKED + b'a\r\n0123456789\r\n0\r\n\r\n',
+     ['ok 10']),
+    ('chunked, upper-case hex', CHUNKED + b'A\r\n0123456789\r\n0\r\n\r\n',
+     ['ok 10']),
+    ('chunked, several chunks', CHUNKED + b'3\r\nabc\r\n1\r\nd\r\n0\r\n\r\n',
+     ['ok 4']),
+    ('chunked, leading zeros', CHUNKED + b'0005\r\nhello\r\n000\r\n\r\n',
+     ['ok 5']),
+    ('chunked, empty', CHUNKED + b'0\r\n\r\n', ['ok 0']),
+    ('chunked, extensions', CHUNKED + b'5;a=b;c\r\nhello\r\n0;z=1\r\n\r\n',
+     ['ok 5']),
+    ('chunked, blanks before an extension', CHUNKED
+     + b'5 \t;a="b; c"\r\nhello\r\n0\r\n\r\n', ['ok 5']),
+    ('chunked, trailers', CHUNKED + b'5\r\nhello\r\n0\r\nX-T: 1\r\nY: 2\r\n'
+     b'\r\n', ['ok 5']),
+    ('chunked, coding name in any case', H + b'Transfer-Encoding: Chunked'
+     b'\r\n\r\n0\r\n\r\n', ['ok 0']),
+    ('chunked, CRLF in the data', CHUNKED + b'4\r\n\r\n\r\n\r\n0\r\n\r\n',
+     ['ok 4']),
+    ('chunked, then pipelined', CHUNKED + b'1\r\nx\r\n0\r\n\r\n' + H + b'\r\n',
+     ['ok 1', 'ok']),
+    ('chunked, 100-continue', H + b'Expect: 100-continue\r\nTransfer-Encoding:'
+     b' chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n', ['ok 2']),
+    # Heads that are refused: the error, then the close.
+    ('desync by a bare LF', b'GET / HTTP/1.1\r\nDummy: x\nContent-Length: 23'
+     b'\r\n\r\nGET / HTTP/1.1\r\nDummy: GET /admin HTTP/1.1\r\nHost: '
+     b'localhost\r\n\r\n', ['bare LF (not CRLF) in the request head']),
+    ('bare LF line ends', b'GET /api HTTP/1.1\nHost: x\n\n',
+     ['bare LF (not CRLF) in the request head']),
+    ('bare LF before CRLF', b'\nGET /api HTTP/1.1\r\nHost: x\r\n\r\n',
+     ['bare LF (not CRLF) in the request head']),
+    ('bare CR', H + b'X: a\rb\r\n\r\n', ['bare CR (not CRLF) in the request head']),
+    ('CR before the request', b'\r\r\n' + H + b'\r\n',
+     ['bare CR (not CRLF) in the request head']),
+    ('no Host', b'GET /api HTTP/1.1\r\n\r\n',
+     ['0 Host headers in an HTTP/1.1 request']),
+    ('two Hosts', H + b'Host: y\r\n\r\n',
+     ['2 Host headers in an HTTP/1.1 request']),
+    ('two Hosts on HTTP/1.0', b'GET /api HTTP/1.0\r\nHost: x\r\nHost: y\r\n\r\n',
+     ['2 Host headers in an HTTP/1.0 request']),
+    ('fragment', b'GET /api#top HTTP/1.1\r\nHost: x\r\n\r\n',
+     ['request target with a # fragment']),
+    ('unknown version', b'GET /api HTTP/1.2\r\nHost: x\r\n\r\n',
+     ["request line is not 'METHOD TARGET HTTP/1.x': GET /api HTTP/1.2"]),
+    ('lower-case version', b'GET /api http/1.1\r\nHost: x\r\n\r\n',
+     ["request line is not 'METHOD TARGET HTTP/1.x': GET /api http/1.1"]),
+    ('blank after the version', b'GET /api HTTP/1.1 \r\nHost: x\r\n\r\n',
+     ["request line is not 'METHOD TARGET HTTP/1.x': GET /api HTTP/1.1 "]),
+    ('blank before a colon', H + b'X : 1\r\n\r\n',
+     ["header line is not 'Name: value': X : 1"]),
+    ('obs-fold', H + b'X: 1\r\n 2\r\n\r\n',
+     ["header line is not 'Name: value':  2"]),
+    ('DEL in a value', H + b'X: \x7f\r\n\r\n',
+     ['control character 0x7f in the request head']),
+    # Lengths that are refused.
+    ('length with VT', H + b'Content-Length: 5\x0b\r\n\r\nhello',
+     ['control character 0x0b in the request head']),
+    ('length with FF', H + b'Content-Length: \x0c5\r\n\r\nhello',
+     ['control character 0x0c in the request head']),
+    ('length with US', H + b'Content-Length: 5\x1f\r\n\r\nhello',
+     ['control character 0x1f in the request head']),
+    ('length with NBSP', H + b'Content-Length: 5\xc2\xa0\r\n\r\nhello',
+     ['Content-Length 5\xa0 is not one length']),
+    ('length with a sign', H + b'Content-Length: +5\r\n\r\nhello',
+     ['Content-Length +5 is not one length']),
+    ('length in hex', H + b'Content-Length: 0x5\r\n\r\nhello',
+     ['Content-Length 0x5 is not one length']),
+    ('length with a blank inside', H + b'Content-Length: 5 5\r\n\r\nhello',
+     ['Content-Length 5 5 is not one length']),
+    ('empty length', H + b'Content-Length:\r\n\r\n',
+     ['Content-Length  is not one length']),
+    ('different lengths', H + b'Content-Length: 5\r\nContent-Length: 6\r\n\r\n',
+     ['Content-Length 5, 6 is not one length']),
+    ('5,000 digits', H + b'Content-Length: ' + b'1' * 5000 + b'\r\n\r\n',
+     ['Content-Length of 5000 digits is over 15']),
+    ('16 digits', H + b'Content-Length: ' + b'0' * 15 + b'5\r\n\r\nhello',
+     ['Content-Length of 16 digits is over 15']),
+    ('length over 1 MiB', H + b'Content-Length: 1048577\r\n\r\n',
+     ['body of 1048577 bytes is over 1048576']),
+    # Transfer codings that are refused.
+    ('gzip, chunked', H + b'Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n',
+     ['Transfer-Encoding gzip, chunked is not supported, only chunked']),
+    ('chunked twice', H + b'Transfer-Encoding: chunked\r\nTransfer-Encoding: '
+     b'chunked\r\n\r\n0\r\n\r\n',
+     ['Transfer-Encoding chunked, chunked is not supported, only chunked']),
+    ('gzip', H + b'Transfer-Encoding: gzip\r\n\r\n',
+     ['Transfer-Encoding gzip is not supported, only chunked']),
+    ('chunked on HTTP/1.0', b'GET /api HTTP/1.0\r\nTransfer-Encoding: chunked'
+     b'\r\n\r\n0\r\n\r\n', ['Transfer-Encoding on an HTTP/1.0 request']),
+    ('chunked and a length', CHUNKED[:-2] + b'Content-Length: 5\r\n\r\n'
+     b'0\r\n\r\n', ['Transfer-Encoding together with Content-Length']),
+    # Chunks that are refused.
+    ('chunk size not hex', CHUNKED + b'g\r\nhello\r\n0\r\n\r\n',
+     ['chunk size g is not 1 to 16 hex digits']),
+    ('chunk size missing', CHUNKED + b'\r\nhello\r\n0\r\n\r\n',
+     ['chunk size  is not 1 to 16 hex digits']),
+    ('chunk size with a sign', CHUNKED + b'+5\r\nhello\r\n0\r\n\r\n',
+     ['chunk size +5 is not 1 to 16 hex digits']),
+    ('blank before a chunk size', CHUNKED + b' 5\r\nhello\r\n0\r\n\r\n',
+     ['chunk size  5 is not 1 to 16 hex digits']),
+    ('blank after a chunk size', CHUNKED + b'5 \r\nhello\r\n0\r\n\r\n',
+     ['chunk size 5  is not 1 to 16 hex digits']),
+    ('chunk size of 17 digits', CHUNKED + b'0' * 16 + b'5\r\nhello\r\n',
+     ['chunk size 00000000000000005 is not 1 to 16 hex digits']),
+    ('chunk size overflowing', CHUNKED + b'ffffffffffffffff\r\nhello\r\n',
+     ['chunked body over 1048576 bytes']),
+    ('chunks over 1 MiB', CHUNKED + b'80000\r\n' + b'x' * 0x80000 + b'\r\n'
+     b'80001\r\n', ['chunked body over 1048576 bytes']),
+    ('chunk data without its CRLF', CHUNKED + b'5\r\nhelloX\r\n0\r\n\r\n',
+     ['chunk data not followed by CRLF']),
+    ('chunk data ended by a bare LF', CHUNKED + b'5\r\nhello\n0\r\n\r\n',
+     ['chunk data not followed by CRLF']),
+    ('chunk size line ended by a bare LF', CHUNKED + b'5\nhello\r\n0\r\n\r\n',
+     ['bare LF (not CRLF) in a chunk size line']),
+    ('bare CR in a chunk size line', CHUNKED + b'5\r;\r\nhello\r\n0\r\n\r\n',
+     ['bare CR (not CRLF) in a chunk size line']),
+    ('control character in an extension', CHUNKED + b'5;a=\x01\r\nhello\r\n',
+     ['control character 0x01 in a chunk size line']),
+    ('chunk size line too long', CHUNKED + b'5;' + b'a' * 5000 + b'\r\n',
+     ['chunk size line over 4096 bytes']),
+    ('trailer line without a colon', CHUNKED + b'0\r\nnocolon\r\n\r\n',
+     ["trailer line is not 'Name: value': nocolon"]),
+    ('trailer with a bare LF', CHUNKED + b'0\r\nX: 1\n\r\n',
+     ['bare LF (not CRLF) in a trailer']),
+    ('trailers too long', CHUNKED + b'0\r\n' + b'X: ' + b'a' * 9000 + b'\r\n',
+     ['trailer over 8192 bytes']),
+    ('too many trailer lines', CHUNKED + b'0\r\n' + b'X: 1\r\n' * 101 + b'\r\n',
+     ['more than 100 trailer lines']),
+]
+
+
+@pytest.mark.parametrize('data, expected', [case[1:] for case in CONFORMANCE],
+                         ids=[case[0] for case in CONFORMANCE])
+def test_conformance(trap, data, expected):
+    if expected[-1].startswith('ok'):
+        assert outcomes(trap, data) == expected
+    else:       # a refused request closes: what follows is never a request
+        assert outcomes(trap, data + CLOSE) == expected
+        assert 'last=1' not in trap.log_path.read_text()
+
+
+def test_the_conformance_table_is_large_enough():
+    assert len(CONFORMANCE) >= 40
+    assert len([c for c in CONFORMANCE if b'chunked' in c[1].lower()]) >= 20
+
+
+def test_a_refused_request_is_logged_with_its_key_and_closes(trap):
+    data = H + b'Content-Length: 5\x0b\r\n\r\nhello' + CLOSE
+    chain = assert_error_and_closed(
+        trap, data, 'control character 0x0b in the request head')
+    assert chain[0][2].startswith('bad request: control character 0x0b')
+    assert 'last=1' not in trap.log_path.read_text()
+
+
+def test_the_desync_request_never_reaches_the_log_as_a_request(trap):
+    trap.exchange(b'GET / HTTP/1.1\r\nDummy: x\nContent-Length: 23\r\n\r\n'
+                  b'GET / HTTP/1.1\r\nDummy: GET /admin HTTP/1.1\r\n'
+                  b'Host: localhost\r\n\r\n')
+    assert '/admin' not in trap.log_path.read_text()
+    assert len(trap.keys()) == 1
+
+
+CHUNKED_BODY = (b'1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n'
+                b'A\r\n0123456789\r\n0;last\r\nX-Trailer: yes\r\n\r\n')
+
+
+def test_a_chunked_body_split_at_every_byte_decodes_the_same():
+    for split in range(1, len(CHUNKED_BODY)):
+        reader, body = kek.ChunkedReader(), kek.Body()
+        inbuf = bytearray(CHUNKED_BODY[:split])
+        assert reader.read(inbuf, body) is False
+        inbuf += CHUNKED_BODY[split:] + b'NEXT'
+        assert reader.read(inbuf, body) is True
+        assert (body.size, inbuf) == (36, bytearray(b'NEXT'))
+
+
+def test_a_chunk_line_trickled_byte_by_byte_is_searched_once():
+    reader, body = kek.ChunkedReader(), kek.Body()
+    inbuf = bytearray()
+    for byte in b'5;' + b'x' * 100:
+        inbuf.append(byte)
+        assert reader.read(inbuf, body) is False
+        assert reader.scanned == len(inbuf)     # only new bytes are searched
+    with pytest.raises(kek.BodyError, match='chunk size line over 4096 bytes'):
+        reader.read(inbuf + b'x' * 5000, body)
+
+
+def test_http_client_chunked_bodies_are_read(trap):
+    conn = http.client.HTTPConnection('127.0.0.1', trap.port, timeout=5)
+    conn.request('POST', '/api', body=iter([b'{"a": ', b'', b'1}']),
+                 encode_chunked=True)
+    answer = conn.getresponse()
+    answer.read()
+    conn.request('PUT', '/api', body=(b'x' * 1000 for _ in range(3)))
+    second = conn.getresponse()     # a generator body: sent chunked
+    second.read()
+    conn.close()
+    for answer, size in ((answer, 8), (second, 3000)):
+        chain = trap.chain(answer.getheader('X-Request-Id'))
+        assert chain[0][2].endswith(' body=chunked')
+        assert chain[1] == ('INFO ', 'query', 'body %d bytes' % size)
+    assert error_body(b'{"status": "error", "errors": []}') == []
+
+
+def test_the_last_chunk_split_across_reads_ends_the_body(trap):
+    with trap.connect() as sock:
+        sock.sendall(CHUNKED + b'3\r\nabc\r\n0')
+        for piece in (b'\r', b'\n', b'\r'):
+            time.sleep(0.02)        # each piece in a read of its own
+            sock.sendall(piece)
+        assert not select.select([sock], [], [], 0.1)[0]    # not done yet
+        sock.sendall(b'\n')
+        answer = wait_for(lambda: sock.recv(65536))
+    [(_, headers, body)] = parse_responses(answer)
+    assert json.loads(body)['status'] == 'ok'
+    assert trap.chain(headers['X-Request-Id'])[1][2] == 'body 3 bytes'
+
+
+def test_expect_100_continue_invites_a_chunked_body(trap):
+    with trap.connect() as sock:
+        sock.sendall(H + b'Expect: 100-continue\r\nTransfer-Encoding: chunked'
+                     b'\r\n\r\n')
+        assert wait_for(lambda: sock.recv(65536)) == kek.CONTINUE
+        sock.sendall(b'2\r\nhi\r\n0\r\n\r\n')
+        [(_, headers, body)] = parse_responses(wait_for(lambda: sock.recv(65536)))
+    assert json.loads(body)['status'] == 'ok'
+
+
+def test_a_stalled_chunked_body_ends_with_an_error(trap, fast):
+    with trap.connect() as sock:
+        sock.sendall(CHUNKED + b'5\r\nhel')
+        [(_, headers, body)] = parse_responses(recv_until_closed(sock))
+    error = ('request body stalled: no byte for 0.5 s, chunked body not'
+             ' complete (chunk data)')
+    assert error_body(body) == [error]
+    chain = trap.chain(headers['X-Request-Id'])
+    assert chain[0][2].endswith(' body=chunked')
+    assert chain[1][2].startswith(error + '; client=')
+
+
+def test_a_client_that_leaves_mid_chunk_is_logged_under_its_key(trap):
+    sock = trap.connect()
+    sock.sendall(CHUNKED + b'5\r\nhello\r')
+    wait_for(lambda: all(h.reader and h.reader.step is kek.CHUNK_END
+                         for h in trap.server.handlers))
+    sock.close()
+    [key] = wait_for(trap.keys)
+    assert trap.wait_chain(key, 2)[1] == (
+        'ERROR', 'handler', 'the client closed the connection; chunked body'
+        ' not complete (chunk end)')
+
+
+def test_a_64_kib_head_of_blanks_does_not_stall_other_clients(trap):
+    """The header parser once backtracked quadratically on a run of blanks
+    inside a value: this head took about 9 s and held every client up."""
+    hostile = trap.connect()
+    hostile.sendall(b'GET /api HTTP/1.1\r\nHost: a\r\nX: a' + b' ' * 65000
+                    + b'b\r\n\r\n')
+    started = time.monotonic()
+    answer, _ = trap.request()
+    assert answer.status == 200
+    assert time.monotonic() - started < 1.0     # generous: the bug took seconds
+    [(_, _, body)] = parse_responses(wait_for(lambda: hostile.recv(65536)))
+    assert json.loads(body)['status'] == 'ok'
+    hostile.close()
+
+
+@pytest.mark.parametrize('filler', [b' ', b'\t', b':', b'a', b'\xff', b'%'])
+def test_a_64_kib_head_of_one_byte_is_parsed_in_linear_time(trap, filler):
+    data = b'GET /api?' + filler * 30000 + b' HTTP/1.1\r\nHost: a\r\nX: a' \
+        + filler * 30000 + b'b\r\nConnection: close\r\n\r\n'
+    started = time.monotonic()
+    answers = parse_responses(trap.exchange(data))
+    assert time.monotonic() - started < 1.0
+    assert len(answers) == 1
