@@ -17,6 +17,7 @@ its answer can find its whole chain in the log.
 
 import argparse
 import email.utils
+import hashlib
 import io
 import json
 import logging
@@ -37,12 +38,15 @@ from urllib.parse import parse_qs
 DEFAULT_HOST = '0.0.0.0'
 DEFAULT_PORT = 8000
 LOG_FORMATS = ('text', 'json')
+LOG_HEADERS_VALUES = ('on', 'off')
+DEFAULT_LOG_BODY = 1024         # bytes of each body shown on its body record
 
 MAX_HEAD_BYTES = 64 * 1024      # request line and header lines together
 MAX_HEADERS = 100
 MAX_METHOD_CHARS = 32           # longer "methods" are taken for junk at once
 MAX_BODY_BYTES = 1024 * 1024    # bodies are read and dropped, never kept
-MAX_SHOWN_CHARS = 200           # client text only shown (ids, a bad line) is cut here
+MAX_SHOWN_CHARS = 200           # client text only shown (a header value, a bad line) is cut here
+MAX_SCHEME_CHARS = 32           # an Authorization scheme longer than this may be the secret
 MAX_LENGTH_DIGITS = 15          # a longer Content-Length is refused unread
 MAX_CHUNK_SIZE_DIGITS = 16      # hex digits of a chunk size, leading zeros included
 MAX_CHUNK_LINE_BYTES = 4096     # a chunk-size line with its extensions
@@ -58,7 +62,11 @@ ACCEPT_PAUSE = 0.1      # seconds without accepting when out of file descriptors
 LISTEN_BACKLOG = 1024           # the stock 5 resets bursts of connects
 RECV_BYTES = 64 * 1024
 MAX_PENDING_OUTPUT = 256 * 1024  # unsent answers before a client's requests wait
-ROTATE_CHECK_INTERVAL = 1.0     # seconds between checks that LOG_FILE was moved
+
+
+# What main() sets from LOG_HEADERS and LOG_BODY.
+LOG_HEADERS = True
+LOG_BODY = DEFAULT_LOG_BODY
 
 
 # -- Keys ----------------------------------------------------------------------
@@ -101,18 +109,49 @@ LOGGER = logging.getLogger('kek')
 READABLE_JSON = json.JSONEncoder(ensure_ascii=False).encode
 
 
+# Characters Python calls printable that show as nothing: Hangul fillers,
+# the blank Braille pattern, Khmer inherent vowels, the grapheme joiner.
+INVISIBLE = re.compile('[\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0]')
+
+
+def readable(text):
+    """True if every character of text shows as itself on a line."""
+    return text.isprintable() and (text.isascii()
+                                   or INVISIBLE.search(text) is None)
+
+
 def escape(text):
     """Return text that cannot split, forge or colour a log line.
 
     Printable characters stay (Cyrillic stays readable).  Control characters,
-    line and paragraph separators, bidi overrides, bytes that were not UTF-8
-    (held as surrogates) and the backslash itself become backslash escapes.
+    line and paragraph separators, bidi overrides, invisible characters, bytes
+    that were not UTF-8 (held as surrogates) and the backslash itself become
+    backslash escapes.
     """
-    if text.isprintable() and '\\' not in text:
+    if (text.isprintable() and '\\' not in text
+            and (text.isascii() or INVISIBLE.search(text) is None)):
         return text
-    return ''.join(c if c.isprintable() and c != '\\'
+    return ''.join(c if readable(c) and c != '\\'
                    else c.encode('unicode_escape').decode('ascii')
                    for c in text)
+
+
+def json_escape(char):
+    code = ord(char)
+    if code > 0xFFFF:       # a surrogate pair, as JSON spells it
+        code -= 0x10000
+        return '\\u%04x\\u%04x' % (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
+    return '\\u%04x' % code
+
+
+def json_text(value):
+    """value as JSON that json.loads() reads back and that is safe on a log
+    line: what JSON leaves raw but would not show as itself (bidi overrides,
+    U+2028, DEL, invisible characters, surrogates) becomes a \\u escape."""
+    text = READABLE_JSON(value)
+    if readable(text):
+        return text
+    return ''.join(c if readable(c) else json_escape(c) for c in text)
 
 
 # What no kek line shows: the same for every record instead of looked up for
@@ -122,6 +161,11 @@ RECORD_CONSTANTS = {
     'module': '(unknown module)', 'lineno': 0, 'funcName': None,
     'stack_info': None, 'exc_text': None, 'thread': None, 'threadName': None,
     'process': None, 'processName': None, 'msecs': 0.0, 'relativeCreated': 0.0}
+
+
+LEVEL_NAMES = {level: logging.getLevelName(level)
+               for level in (logging.DEBUG, logging.INFO, logging.WARNING,
+                             logging.ERROR, logging.CRITICAL)}
 
 
 class Record(logging.LogRecord):
@@ -135,7 +179,7 @@ class Record(logging.LogRecord):
             self.__dict__.update(extra)
         self.offset_ms = offset_ms
         self.levelno = level
-        self.levelname = logging.getLevelName(level)
+        self.levelname = LEVEL_NAMES[level]
         self.msg = msg
         self.args = args
         self.exc_info = exc_info
@@ -156,9 +200,13 @@ class RequestLog(logging.LoggerAdapter):
         hand it to the logger's handlers.  exception() passes exc_info=True."""
         if self.logger.isEnabledFor(level):
             offset_ms = (time.monotonic() - self.extra['started']) * 1000
-            self.logger.handle(Record(level, msg, args,
-                                      exc_info and sys.exc_info(),
-                                      self.extra, offset_ms, extra))
+            record = Record(level, msg, args, exc_info and sys.exc_info(),
+                            self.extra, offset_ms, extra)
+            # Logger.handle() without its filter and hierarchy walk: kek's
+            # logger does not propagate, and this is a tenth of a request.
+            for handler in self.logger.handlers:
+                if level >= handler.level:
+                    handler.handle(record)
 
     def at(self, where):
         """The same request's log, written from another place."""
@@ -191,12 +239,15 @@ class TextFormatter(logging.Formatter):
         message = record.getMessage()
         if record.exc_info:
             message += '\n' + self.formatException(record.exc_info)
+        elif getattr(record, 'escaped', False):
+            return message
         return escape(message)
 
 
 class JsonFormatter(TextFormatter):
     """One JSON object a line: request, offset_ms, level, where, message, and
-    the arrival record's fields (method, url, params, client, ...)."""
+    the fields of arrival and body records (method, url, params, client,
+    headers, sha256, ...), each escaped once, by JSON."""
 
     def format(self, record):
         fields = {'request': record.request,
@@ -205,14 +256,8 @@ class JsonFormatter(TextFormatter):
                   'message': self.message(record)}
         if record.request is None:
             fields['time'] = record.key
-        for name, value in getattr(record, 'fields', {}).items():
-            if name == 'params':
-                value = {escape(k): [escape(v) for v in vs]
-                         for k, vs in value.items()}
-            elif isinstance(value, str):
-                value = escape(value)
-            fields[name] = value
-        return READABLE_JSON(fields)
+        fields.update(getattr(record, 'fields', ()))
+        return json_text(fields)
 
 
 class LogWriter(logging.Handler):
@@ -229,7 +274,7 @@ class LogWriter(logging.Handler):
         self.lines = []
         self.failing = False
         self.lost = 0
-        self.next_check = 0.0
+        self.reopen_requested = False
         self.fd = 1 if path is None else self.open()
 
     def open(self):
@@ -241,17 +286,17 @@ class LogWriter(logging.Handler):
         self.emit(record)
 
     def emit(self, record):
-        line = self.format(record)
+        line = self.formatter.format(record)
         with self.lock:
             self.lines.append(line)
 
     def flush(self):
         with self.lock:
             lines, self.lines = self.lines, []
+        if self.path is not None and (lines or self.reopen_requested):
+            self.reopen_if_moved()
         if not lines:
             return
-        if self.path is not None:
-            self.reopen_if_moved()
         data = ('\n'.join(lines) + '\n').encode('utf-8', 'backslashreplace')
         try:
             while data:
@@ -272,19 +317,25 @@ class LogWriter(logging.Handler):
     def destination(self):
         return 'standard output' if self.path is None else self.path
 
+    def request_reopen(self):
+        """SIGHUP: reopen LOG_FILE before the next write, moved or not."""
+        self.reopen_requested = True
+
     def reopen_if_moved(self):
-        now = time.monotonic()
-        if now < self.next_check:
-            return
-        self.next_check = now + ROTATE_CHECK_INTERVAL
+        """Before every write: if LOG_FILE is no longer the file we hold
+        (logrotate renamed or removed it, maybe creating a new one), open
+        the path anew, so that no record lands in a rotated file.  One stat
+        a loop round."""
         try:
             current = os.stat(self.path)
         except OSError:
             current = None
         opened = os.fstat(self.fd)
-        if (current is not None and current.st_dev == opened.st_dev
+        if (not self.reopen_requested and current is not None
+                and current.st_dev == opened.st_dev
                 and current.st_ino == opened.st_ino):
             return
+        self.reopen_requested = False
         try:
             fd = self.open()
         except OSError:
@@ -327,14 +378,96 @@ DIGITS = re.compile(r"[0-9]+")
 HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]+")
 CONTINUE = b'HTTP/1.1 100 Continue\r\n\r\n'
 # What json.dumps() gives for the ok body; formatting it costs a tenth.
-OK_BODY = '{"request": "%s", "status": "ok"}'
+OK_BODY = '{"request": "%s", "status": "ok"}\n'
 
 
 def shown(text):
-    """Client text quoted in an error: cut at MAX_SHOWN_CHARS, the cut marked."""
+    """Client text only shown (a header value, a bad line): cut at
+    MAX_SHOWN_CHARS, and the cut said."""
     if len(text) <= MAX_SHOWN_CHARS:
         return text
-    return text[:MAX_SHOWN_CHARS] + '...'
+    return '%s...(%d chars in all)' % (text[:MAX_SHOWN_CHARS], len(text))
+
+
+def byte_count(text):
+    """How many bytes the client sent for text (decoded with surrogateescape)."""
+    return len(text) if text.isascii() else len(
+        text.encode('utf-8', 'surrogateescape'))
+
+
+# Header and form field names whose values are credentials: only their
+# length is logged.  Literal words, so the search cannot backtrack.
+SECRET_NAME = re.compile('token|secret|password|passwd|api-key|apikey|session'
+                         '|auth|credential')
+
+
+def shown_header(name, value):
+    """A header's value as the log shows it: credentials never, the rest cut
+    at MAX_SHOWN_CHARS."""
+    lower = name.lower()
+    if lower == 'authorization' or lower == 'proxy-authorization':
+        scheme, blank, credentials = value.partition(' ')
+        if blank and len(scheme) <= MAX_SCHEME_CHARS and TOKEN.fullmatch(scheme):
+            return '%s <%d bytes>' % (scheme, byte_count(credentials))
+        return '<%d bytes>' % byte_count(value)
+    if lower == 'cookie' or lower == 'set-cookie':
+        names = [part.partition('=')[0].strip(' \t')
+                 for part in value.split(';')]
+        return '<cookies: %s>' % shown(', '.join(names))
+    if SECRET_NAME.search(lower):
+        return '<%d bytes>' % byte_count(value)
+    return shown(value)
+
+
+# What other protocols send first, to name them when they reach kek.
+PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
+HTTP2_PREFACE = b'PRI * HTTP/2.0'
+FOREIGN_FIRST_BYTES = b'\x16P\r'      # TLS, the HTTP/2 PRI or PROXY, PROXY v2
+
+
+def foreign_protocol(data):
+    """What non-HTTP/1 traffic data starts with, or None."""
+    if data.startswith(b'\x16\x03'):
+        name = tls_server_name(data)
+        return 'a TLS handshake on a plain HTTP port, %s' % (
+            'server name %s' % shown(as_text(name)) if name
+            else 'no server name in its first bytes')
+    if data.startswith(HTTP2_PREFACE):
+        return 'the HTTP/2 connection preface (PRI * HTTP/2.0)'
+    if data.startswith(b'PROXY '):
+        return 'a PROXY protocol v1 header: %s' % shown(as_text(
+            data[:MAX_HEAD_BYTES].partition(b'\r\n')[0]))
+    if data.startswith(PROXY_V2_SIGNATURE):
+        return 'a PROXY protocol v2 header'
+    return None
+
+
+def tls_server_name(data):
+    """The server name (SNI) a TLS ClientHello in data asks for, or None if
+    the bytes at hand do not hold one.  Each step moves forward, so this is
+    linear in the bytes read."""
+    def number(at, size):
+        if at + size > len(data):
+            raise IndexError(at)
+        return int.from_bytes(data[at:at + size], 'big')
+    try:
+        if number(5, 1) != 1:                   # not a ClientHello
+            return None
+        at = 5 + 4 + 2 + 32     # record and handshake headers, version, random
+        at += 1 + number(at, 1)                 # session id
+        at += 2 + number(at, 2)                 # cipher suites
+        at += 1 + number(at, 1)                 # compression methods
+        end = at + 2 + number(at, 2)            # the extensions
+        at += 2
+        while at + 4 <= end:
+            kind, size = number(at, 2), number(at + 2, 2)
+            if kind == 0:   # server_name: list length, name type, name length
+                length = number(at + 7, 2)
+                return bytes(data[at + 9:at + 9 + length]) or None
+            at += 4 + size
+    except IndexError:
+        pass
+    return None
 
 
 def as_text(data):
@@ -356,10 +489,30 @@ def control_problem(data):
     return 'control character 0x%02x' % char[0]
 
 
+def parse_query(query):
+    """The query's parameters, as parse_qs(keep_blank_values=True) gives
+    them: repeated names kept, values percent-decoded, bytes that are not
+    UTF-8 kept as surrogates.  Most queries have nothing to decode, and are
+    split here at a fifth of parse_qs's cost."""
+    if '%' in query or '+' in query:
+        return parse_qs(query, keep_blank_values=True, errors='surrogateescape')
+    params = {}
+    for field in query.split('&'):
+        if field:
+            name, _, value = field.partition('=')
+            if name in params:
+                params[name].append(value)
+            else:
+                params[name] = [value]
+    return params
+
+
 def target_path(target):
     """The path of a request target as sent; the absolute form that proxies
     send (http://host/api?x=1) names its path after the authority."""
     path = target.partition('?')[0]
+    if path.startswith('/'):
+        return path             # the origin form, by far the most common
     scheme, sep, rest = path.partition('://')
     if sep and scheme.lower() in ('http', 'https'):
         return '/' + rest.partition('/')[2]
@@ -374,13 +527,20 @@ class BodyError(Exception):
 
 class Body:
     """What the log shows of a request body, fed the decoded bytes as they
-    arrive; the body itself is never kept."""
+    arrive: size, SHA-256 and the first `keep` bytes.  The body itself is
+    never kept, so a connection's memory is bounded by `keep`."""
 
-    def __init__(self):
+    def __init__(self, keep):
         self.size = 0
+        self.sha256 = hashlib.sha256()
+        self.keep = keep
+        self.preview = bytearray()
 
     def add(self, data):
         self.size += len(data)
+        self.sha256.update(data)
+        if len(self.preview) < self.keep:
+            self.preview += data[:self.keep - len(self.preview)]
 
 
 class LengthReader:
@@ -609,13 +769,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def begin(self):
         """Start a request at inbuf's first byte; False if inbuf holds only
-        blank lines, which may come before a request line (RFC 9112 2.2)."""
-        blank = 0
-        while self.inbuf.startswith(b'\r\n', blank):
-            blank += 2
-        del self.inbuf[:blank]
-        if not self.inbuf or self.inbuf == b'\r':
-            return False
+        blank lines, which may come before a request line (RFC 9112 2.2), or
+        the start of what may be a PROXY v2 header, which begins like two."""
+        if PROXY_V2_SIGNATURE.startswith(self.inbuf[:len(PROXY_V2_SIGNATURE)]):
+            if len(self.inbuf) < len(PROXY_V2_SIGNATURE):
+                return False
+        else:
+            blank = 0
+            while self.inbuf.startswith(b'\r\n', blank):
+                blank += 2
+            del self.inbuf[:blank]
+            if not self.inbuf or self.inbuf == b'\r':
+                return False
         self.state = HEAD
         self.key = KEYS.next()
         self.started = time.monotonic()
@@ -626,6 +791,11 @@ class Handler(BaseHTTPRequestHandler):
         """Run the request whose head is complete in inbuf; False if none is."""
         # Search only the new bytes: a client trickling its head byte by byte
         # must not make every arrival rescan all of it.
+        if self.inbuf[0] in FOREIGN_FIRST_BYTES:
+            foreign = foreign_protocol(self.inbuf)
+            if foreign:
+                self.fail('not an HTTP/1.x request: %s' % foreign)
+                return False
         new = self.scanned
         end = self.inbuf.find(b'\r\n\r\n', max(0, new - 3))
         self.scanned = len(self.inbuf)
@@ -671,7 +841,7 @@ class Handler(BaseHTTPRequestHandler):
             except BlockingIOError:
                 sent = 0
             except OSError as error:
-                self.log.at('handler').warning(
+                self.log.at('handler').error(
                     'client gone before its answer was sent: %s', error)
                 self.close()
                 return
@@ -790,14 +960,16 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_error(400, 'more than %d header lines'
                                    % MAX_HEADERS)
         headers = {}
+        self.header_list = []       # (name as sent, value), in order
         hosts = 0
         for line in lines[1:]:
             name, colon, value = line.partition(':')
             if not colon or not TOKEN.fullmatch(name):
                 return self.send_error(400, "header line is not 'Name: value'"
                                        ": %s" % shown(line))
-            name = name.lower()
             value = value.strip(' \t')
+            self.header_list.append((name, value))
+            name = name.lower()
             if name in headers:
                 headers[name] += ', ' + value
             else:
@@ -833,8 +1005,7 @@ class Handler(BaseHTTPRequestHandler):
         self.log = RequestLog(self.key, self.started, 'query')
         self.url_path = target_path(self.path)
         self.declared = None      # the body's length as declared, or 'chunked'
-        self.params = parse_qs(self.path.partition('?')[2],
-                               keep_blank_values=True, errors='surrogateescape')
+        self.params = parse_query(self.path.partition('?')[2])
         try:
             self.reader = self.body_reader()
         except BodyError as error:
@@ -848,7 +1019,7 @@ class Handler(BaseHTTPRequestHandler):
                 and self.request_version != 'HTTP/1.0'):
             self.wfile.write(CONTINUE)
             self.server.send_later(self)
-        self.body = Body()
+        self.body = Body(LOG_BODY)
         self.state = BODY
 
     def body_reader(self):
@@ -908,8 +1079,8 @@ class Handler(BaseHTTPRequestHandler):
     def answer(self, log, errors):
         """Write the 200 answer and log it; the request is over."""
         if errors:
-            body = json.dumps({'request': self.key, 'status': 'error',
-                               'errors': errors}).encode()
+            body = (json.dumps({'request': self.key, 'status': 'error',
+                                'errors': errors}) + '\n').encode()
         else:
             body = (OK_BODY % self.key).encode()
         if self.server.stopping and not self.close_connection:
@@ -922,7 +1093,7 @@ class Handler(BaseHTTPRequestHandler):
             connection = ''
         head = ('%s 200 OK\r\nServer: %s\r\nDate: %s\r\n'
                 'Content-Type: application/json\r\nContent-Length: %d\r\n'
-                'X-Request-Id: %s\r\n%s\r\n'
+                'X-Content-Type-Options: nosniff\r\nX-Request-Id: %s\r\n%s\r\n'
                 % (self.protocol_version, self.server_version,
                    self.server.date, len(body), self.key, connection))
         self.wfile.write(head.encode() if self.command == 'HEAD'
@@ -950,12 +1121,13 @@ class ValidationError(Exception):
 
 
 def log_arrival(request):
-    """The first record of a request: what arrived.  The text goes in the
-    message; the JSON format takes the same as fields."""
+    """The first record of a request: what arrived.  Each value on the text
+    line is escaped once, in the grammar of its place (the URL as text, the
+    parameters and headers as JSON); the JSON format takes them as fields."""
     fields = {'method': request.command, 'url': request.path,
               'params': request.params, 'client': request.client}
     text = '%s %s params=%s client=%s' % (
-        request.command, request.path, READABLE_JSON(request.params),
+        request.command, escape(request.path), json_text(request.params),
         request.client)
     if request.declared == 'chunked':
         fields['transfer_encoding'] = 'chunked'
@@ -965,16 +1137,45 @@ def log_arrival(request):
         text += ' body=%d' % request.declared
     for name in ('x-request-id', 'traceparent'):
         if name in request.headers:
-            value = request.headers[name][:MAX_SHOWN_CHARS]
+            value = shown(request.headers[name])
             fields[name.replace('-', '_')] = value
-            text += ' %s=%s' % (name, READABLE_JSON(value))
-    request.log.info(text, extra={'fields': fields})
+            text += ' %s=%s' % (name, json_text(value))
+    if LOG_HEADERS:
+        headers = [(name, shown_header(name, value))
+                   for name, value in request.header_list]
+        fields['headers'] = headers
+        text += ' headers=' + json_text(headers)
+    request.log.info(text, extra={'fields': fields, 'escaped': True})
 
 
-def log_body(body, log):
-    """The body record, once a body has arrived whole: the same for both
-    framings, since the size is that of the decoded bytes."""
-    log.info('body %d bytes', body.size)
+def log_body(request):
+    """The body record, once a body has arrived whole: its size (decoded,
+    for either framing), type, SHA-256 and first LOG_BODY bytes.  A form's
+    fields are shown like the query's, secret-looking ones by length only."""
+    body = request.body
+    content_type = shown(request.headers.get('content-type', ''))
+    fields = {'body_bytes': body.size, 'content_type': content_type,
+              'sha256': body.sha256.hexdigest()}
+    text = 'body %d bytes type=%s sha256=%s' % (
+        body.size, json_text(content_type), fields['sha256'])
+    if body.keep:
+        preview = as_text(body.preview)
+        media_type = content_type.partition(';')[0].strip(' \t').lower()
+        if media_type == 'application/x-www-form-urlencoded':
+            form = {name: ['<%d bytes>' % byte_count(value) for value in values]
+                    if SECRET_NAME.search(name.lower()) else values
+                    for name, values in parse_qs(
+                        preview, keep_blank_values=True,
+                        errors='surrogateescape').items()}
+            fields['form'] = form
+            text += ' form=' + json_text(form)
+        else:
+            fields['preview'] = preview
+            text += ' preview=' + json_text(preview)
+        if body.size > len(body.preview):
+            fields['preview_bytes'] = len(body.preview)
+            text += ' (the first %d bytes)' % len(body.preview)
+    request.log.info(text, extra={'fields': fields, 'escaped': True})
 
 
 def query(request):
@@ -983,7 +1184,7 @@ def query(request):
     log = request.log
     log_arrival(request)
     if request.body is not None:
-        log_body(request.body, log)
+        log_body(request)
     errors = []
     if request.command != 'GET':
         errors.append('method %s is not allowed' % request.command)
@@ -1182,10 +1383,31 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SettingError(message)
 
 
+SETTINGS_HELP = """\
+environment (an argument wins over its variable):
+  PORT=N           TCP port, 0-65535; 0 picks a free one (default %(port)d)
+  HOST=H           address to bind, IPv4 or IPv6 (default %(host)s)
+  LOG_FILE=PATH    append the log to PATH; reopened when moved away or on
+                   SIGHUP (default: standard output)
+  LOG_FORMAT=F     text or json (default text)
+  LOG_HEADERS=X    on or off: every header on the arrival record, credentials
+                   redacted (default on)
+  LOG_BODY=N       bytes of each body shown on its body record, 0-%(max_body)d
+                   (default %(body)d)
+
+a text log line: KEY +OFFSETms LEVEL WHERE MESSAGE, where KEY is the request's
+arrival time; grep '^KEY ' prints that request's whole story.
+""" % {'port': DEFAULT_PORT, 'host': DEFAULT_HOST, 'max_body': MAX_BODY_BYTES,
+       'body': DEFAULT_LOG_BODY}
+
+
 def read_settings(argv, environ):
+    """The settings from arguments and environment; SettingError names the
+    first bad one."""
     parser = ArgumentParser(
         prog='kek', description='A request trap: answers every HTTP request'
-        ' with 200 and logs its whole story under its arrival time.')
+        ' with 200 and logs its whole story under its arrival time.',
+        epilog=SETTINGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--port', help='TCP port, 0-65535; 0 picks a free'
                         ' one (default: $PORT or %d)' % DEFAULT_PORT)
     parser.add_argument('--host', help='address to bind, IPv4 or IPv6'
@@ -1198,16 +1420,46 @@ def read_settings(argv, environ):
                            % (port_name, port))
     host_name, host = (('--host', args.host) if args.host is not None
                        else ('HOST', environ.get('HOST', DEFAULT_HOST)))
+    if not host:
+        raise SettingError('%s=%r is empty: name an address, or leave it'
+                           ' unset for %s' % (host_name, host, DEFAULT_HOST))
+    log_file = environ.get('LOG_FILE')
+    if log_file == '':
+        raise SettingError("LOG_FILE='' is empty: name a file, or leave it"
+                           " unset for standard output")
     log_format = environ.get('LOG_FORMAT', 'text')
     if log_format not in LOG_FORMATS:
         raise SettingError('LOG_FORMAT=%r is not one of %s'
                            % (log_format, ', '.join(LOG_FORMATS)))
+    log_headers = environ.get('LOG_HEADERS', 'on')
+    if log_headers not in LOG_HEADERS_VALUES:
+        raise SettingError('LOG_HEADERS=%r is not one of %s'
+                           % (log_headers, ', '.join(LOG_HEADERS_VALUES)))
+    log_body = environ.get('LOG_BODY', str(DEFAULT_LOG_BODY))
+    if (not DIGITS.fullmatch(log_body) or len(log_body) > 7
+            or int(log_body) > MAX_BODY_BYTES):
+        raise SettingError('LOG_BODY=%r is not a number of bytes (0-%d)'
+                           % (log_body, MAX_BODY_BYTES))
     return {'host': host, 'host_name': host_name, 'port': int(port),
             'port_name': port_name, 'log_format': log_format,
-            'log_file': environ.get('LOG_FILE') or None}
+            'log_file': log_file, 'log_headers': log_headers == 'on',
+            'log_body': int(log_body)}
+
+
+def keep_standard_fds_open():
+    """Put /dev/null where standard input, output or error is closed, so
+    that neither the log file nor the listening socket becomes fd 1 or 2 and
+    gets written to as if it were standard output or error."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            # The lowest free descriptor is fd: those below it are open.
+            os.open(os.devnull, os.O_RDWR)
 
 
 def main(argv=None, environ=os.environ):
+    keep_standard_fds_open()
     try:
         settings = read_settings(argv, environ)
         try:
@@ -1224,6 +1476,8 @@ def main(argv=None, environ=os.environ):
     except SettingError as error:
         report(error)
         return 2
+    global LOG_HEADERS, LOG_BODY
+    LOG_HEADERS, LOG_BODY = settings['log_headers'], settings['log_body']
     formatter = JsonFormatter if settings['log_format'] == 'json' else TextFormatter
     writer.setFormatter(formatter())
     LOGGER.addHandler(writer)
@@ -1231,7 +1485,11 @@ def main(argv=None, environ=os.environ):
     LOGGER.propagate = False
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, frame: server.shutdown())
+    signal.signal(signal.SIGHUP, lambda signum, frame: writer.request_reopen())
     server_log().info('listening on %s', server.url())
+    if settings['log_file']:
+        report('listening on %s, logging to %s' % (server.url(),
+                                                   settings['log_file']))
     try:
         server.serve_forever()
     finally:

@@ -2,6 +2,7 @@
 file the tests read back; whole-process behaviour runs `python kek.py`."""
 
 import calendar
+import hashlib
 import http.client
 import json
 import logging
@@ -10,8 +11,10 @@ import re
 import resource
 import select
 import selectors
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,7 +27,7 @@ import kek
 KEK = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kek.py')
 KEY = r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z'
 # The README's grammar of a text line: KEY +OFFSETms LEVEL WHERE MESSAGE.
-LINE = re.compile(r'(%s) \+(\d+\.\d{3})ms (INFO |WARNING|ERROR) (\S+) (.*)'
+LINE = re.compile(r'(%s) \+(\d+\.\d{3})ms (INFO |ERROR) (\S+) (.*)'
                   % KEY)
 
 
@@ -147,6 +150,13 @@ def fast(monkeypatch):
     monkeypatch.setattr(kek, 'SWEEP_INTERVAL', 0.05)
 
 
+def bare(arrival):
+    """An arrival record's message without its headers, which come last."""
+    head, found, headers = arrival.rpartition(' headers=')
+    assert found and json.loads(headers)
+    return head
+
+
 def error_body(data):
     body = json.loads(data)
     assert body['status'] == 'error'
@@ -169,7 +179,9 @@ def test_ok_request_answers_200_and_logs_the_whole_chain(trap):
         ('INFO ', 'query>process2'), ('INFO ', 'query>process3'),
         ('INFO ', 'query')]
     assert re.fullmatch(r'GET /api\?x=1 params=\{"x": \["1"\]\} '
-                        r'client=127\.0\.0\.1:\d+', chain[0][2])
+                        r'client=127\.0\.0\.1:\d+ headers=\[\["Host", '
+                        r'"127\.0\.0\.1:%d"\], \["Accept-Encoding", '
+                        r'"identity"\]\]' % trap.port, chain[0][2])
     assert chain[-1][2] == 'responded 200 status=ok'
 
 
@@ -201,8 +213,9 @@ def test_every_method_but_get_is_an_error_answered_200(trap, method):
     assert error_body(data) == ['method %s is not allowed' % method]
     chain = trap.chain(key)
     assert chain[0][2].startswith('%s /api?x=1 ' % method)
-    assert chain[0][2].endswith(' body=4')
-    assert chain[1] == ('INFO ', 'query', 'body 4 bytes')
+    assert bare(chain[0][2]).endswith(' body=4')
+    assert chain[1] == ('INFO ', 'query', 'body 4 bytes type="" sha256=%s'
+                        ' preview="data"' % hashlib.sha256(b'data').hexdigest())
     assert chain[2] == ('ERROR', 'query', 'method %s is not allowed' % method)
     assert chain[3] == ('ERROR', 'query', 'responded 200 status=error')
     assert len(chain) == 4          # no processX ran
@@ -221,7 +234,7 @@ def test_head_gets_the_same_headers_and_no_body(trap):
     assert conn.getresponse().status == 200
     conn.close()
     expected = json.dumps({'request': key, 'status': 'error',
-                           'errors': ['method HEAD is not allowed']})
+                           'errors': ['method HEAD is not allowed']}) + '\n'
     assert int(head.getheader('Content-Length')) == len(expected)
 
 
@@ -232,7 +245,8 @@ def test_server_header_does_not_reveal_python(trap):
 
 
 @pytest.mark.parametrize('path', ['/', '/api/', '/apix', '/API', '//api',
-                                  '/api/../api', 'http://x/api/', 'http://x', '/%61pi'])
+                                  '/api/../api', 'http://x/api/', 'http://x', '/%61pi',
+                                  'ftp://x/api', '*', 'x:443'])
 def test_path_other_than_api_as_sent_is_an_error(trap, path):
     with trap.connect() as sock:
         sock.sendall(b'GET %s?x=1 HTTP/1.1\r\nHost: x\r\nConnection: close'
@@ -323,6 +337,20 @@ def test_bug_outside_query_costs_one_connection_not_the_server(trap,
     assert trap.request()[0].status == 200
 
 
+def test_a_handler_gets_only_records_at_or_above_its_level(tmp_path):
+    stream = __import__('io').StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.ERROR)
+    kek.LOGGER.addHandler(handler)
+    try:
+        log = kek.RequestLog('K', time.monotonic(), 'query')
+        log.info('not this')
+        log.error('this')
+    finally:
+        kek.LOGGER.removeHandler(handler)
+    assert stream.getvalue() == 'this\n'
+
+
 def test_records_below_the_logger_level_are_skipped(trap):
     kek.LOGGER.setLevel(logging.ERROR)
     try:
@@ -402,8 +430,9 @@ def test_client_ids_are_logged_escaped_and_capped(trap):
     key = answer.getheader('X-Request-Id')
     assert key != 'abc "1"'             # the client's id never replaces the key
     arrival = trap.chain(key)[0][2]
-    assert arrival.endswith(' x-request-id="abc \\\\"1\\\\""'
-                            ' traceparent="%s"' % ('x' * kek.MAX_SHOWN_CHARS))
+    assert bare(arrival).endswith(
+        ' x-request-id="abc \\"1\\"" traceparent="%s...(500 chars in all)"'
+        % ('x' * kek.MAX_SHOWN_CHARS))
 
 
 def test_authorization_and_cookie_are_never_logged(trap):
@@ -426,11 +455,22 @@ def test_hostile_bytes_never_split_forge_or_colour_a_line(trap):
     lines = trap.lines()
     assert len(lines) == 10             # two chains of five, one line each
     assert len(trap.chain(other)) == 5
+    # Each value escaped once, in the grammar of its place: the URL as text,
+    # the rest as JSON that reads back to exactly what was sent.
     arrival = trap.chain(key)[0][2]
-    for escaped in ('\\\\u001b[31m', '\\u202e', '\\u2028', '\\u2029', '\\x85',
-                    '\\x9b', '\\udcff\\udcfe', '\\\\', '\\\\r\\\\n'):
-        assert escaped in arrival
+    url, rest = arrival.split(' ', 1)[1].split(' params=', 1)
+    assert url == ('/api?q=%0d%0a' + other + '%20+0.000ms%20ERROR&c=%1b[31m'
+                   '\\u202e\\u2028\\u2029\\x85"\'\\\\\\udcff\\udcfe&r=п')
+    params, rest = rest.split(' client=', 1)
+    value = '\x1b[31m\u202e\u2028\u2029\x85"\'\\\udcff\udcfe'
+    assert json.loads(params) == {'q': ['\r\n' + other + '  0.000ms ERROR'],
+                                  'c': [value], 'r': ['п']}
+    client_id, headers = rest.split(' x-request-id=', 1)[1].split(' headers=')
+    assert json.loads(client_id) == '\u202e' + other + ' \x9b'
+    assert json.loads(headers)[2] == ['X-Request-Id', json.loads(client_id)]
     assert '"r": ["п"]' in arrival      # readable text stays readable
+    for char in '\x1b\u202e\u2028\u2029\x85\x9b':
+        assert char not in arrival
     assert json.loads(body)['status'] == 'ok'
 
 
@@ -451,6 +491,15 @@ def test_escape_keeps_printable_text_and_escapes_the_rest():
     assert kek.escape('a\nb\r\t\x00\x1b\x7f') == 'a\\nb\\r\\t\\x00\\x1b\\x7f'
     assert kek.escape('\u202e\u2028\udcff\\') == '\\u202e\\u2028\\udcff\\\\'
     assert kek.escape('\U000e0001') == '\\U000e0001'
+    assert kek.escape('\u3164\u2800') == '\\u3164\\u2800'     # invisible
+
+
+def test_json_text_reads_back_and_shows_only_printable_characters():
+    value = {'k\u202e': ['\x1b\x7f\u2028\u3164\U000e0001\udcff Привет \U0001f600']}
+    text = kek.json_text(value)
+    assert text == ('{"k\\u202e": ["\\u001b\\u007f\\u2028\\u3164\\udb40\\udc01'
+                    '\\udcff Привет \U0001f600"]}')
+    assert json.loads(text) == value
 
 
 def test_json_log_has_one_object_per_line_with_the_arrival_fields(json_trap):
@@ -463,7 +512,7 @@ def test_json_log_has_one_object_per_line_with_the_arrival_fields(json_trap):
     assert all(r['request'] == key for r in records)
     arrival = records[0]
     assert arrival['method'] == 'GET' and arrival['url'] == '/api?x=1&x=%0a'
-    assert arrival['params'] == {'x': ['1', '\\n']}
+    assert arrival['params'] == {'x': ['1', '\n']}
     assert arrival['client'].startswith('127.0.0.1:')
     assert arrival['x_request_id'] == 'id-1' and arrival['traceparent'] == 'tp'
     assert records[-1]['level'] == 'INFO'
@@ -503,7 +552,7 @@ class Process:
     def __init__(self, tmp_path, env=None, args=(), log_file=True, **popen):
         self.log_path = tmp_path / 'kek.log'
         environ = dict(os.environ, PORT='0', HOST='127.0.0.1')
-        for name in ('LOG_FILE', 'LOG_FORMAT'):
+        for name in ('LOG_FILE', 'LOG_FORMAT', 'LOG_HEADERS', 'LOG_BODY'):
             environ.pop(name, None)
         if log_file:
             environ['LOG_FILE'] = str(self.log_path)
@@ -541,7 +590,10 @@ def test_process_serves_then_stops_on_signal_with_exit_0(tmp_path, signum):
     kek_process.wait_listening()
     key = kek_process.get().getheader('X-Request-Id')
     status, out, err = kek_process.stop(signum)
-    assert (status, out, err) == (0, '', '')
+    # With LOG_FILE set, one line on the terminal says kek started, and where.
+    assert (status, out, err) == (0, '', 'kek: listening on http://127.0.0.1:%d,'
+                                  ' logging to %s\n' % (kek_process.port,
+                                                        kek_process.log_path))
     lines = kek_process.log_path.read_text().splitlines()
     assert len([line for line in lines if line.startswith(key + ' ')]) == 5
     assert re.fullmatch(r'%s \+0\.\d{3}ms INFO  main stopped' % KEY, lines[-1])
@@ -616,6 +668,26 @@ def test_json_format_process(tmp_path):
      "PORT=0: [Errno 99] Cannot assign requested address"),
     ({}, ['--bogus'], 'kek: unrecognized arguments: --bogus'),
     ({}, ['--port'], 'kek: argument --port: expected one argument'),
+    ({'PORT': '1' * 5000}, [], "kek: PORT='%s' is not a port number (0-65535)"
+     % ('1' * 5000)),
+    ({'HOST': ''}, [], "kek: HOST='' is empty: name an address, or leave it"
+     " unset for 0.0.0.0"),
+    ({}, ['--host', ''], "kek: --host='' is empty: name an address, or leave"
+     " it unset for 0.0.0.0"),
+    ({'LOG_FILE': ''}, [], "kek: LOG_FILE='' is empty: name a file, or leave"
+     " it unset for standard output"),
+    ({'LOG_HEADERS': 'yes'}, [], "kek: LOG_HEADERS='yes' is not one of on, off"),
+    ({'LOG_HEADERS': ''}, [], "kek: LOG_HEADERS='' is not one of on, off"),
+    ({'LOG_BODY': 'x'}, [], "kek: LOG_BODY='x' is not a number of bytes"
+     " (0-1048576)"),
+    ({'LOG_BODY': '-1'}, [], "kek: LOG_BODY='-1' is not a number of bytes"
+     " (0-1048576)"),
+    ({'LOG_BODY': '1048577'}, [], "kek: LOG_BODY='1048577' is not a number of"
+     " bytes (0-1048576)"),
+    ({'LOG_BODY': '0' * 8}, [], "kek: LOG_BODY='00000000' is not a number of"
+     " bytes (0-1048576)"),
+    ({'LOG_BODY': '9' * 5000}, [], "kek: LOG_BODY='%s' is not a number of"
+     " bytes (0-1048576)" % ('9' * 5000)),
 ])
 def test_bad_setting_is_one_line_on_stderr_and_exit_2(tmp_path, env, args,
                                                       says):
@@ -694,12 +766,55 @@ def test_100_headers_are_fine(trap):
 
 
 def test_binary_junk_is_refused_at_once_without_waiting_for_a_head(trap):
-    hello = b'\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03'   # a TLS hello
+    junk = b'\x00\x01\x02\xfc binary'
     chain = assert_error_and_closed(
-        trap, hello, 'not an HTTP request: \x16\x03\x01\x02\x00\x01'
-        '\x00\x01\udcfc\x03\x03')
-    assert chain[0][2].startswith('not an HTTP request: \\x16\\x03\\x01'
-                                  '\\x02\\x00\\x01\\x00\\x01\\udcfc')
+        trap, junk, 'not an HTTP request: \x00\x01\x02\udcfc binary')
+    assert chain[0][2].startswith('not an HTTP request: \\x00\\x01\\x02'
+                                  '\\udcfc binary; client=')
+
+
+def client_hello(server_name):
+    """The first bytes a real TLS client sends (Python's ssl module)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing,
+                                                server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.parametrize('data, named', [
+    (client_hello('example.com'), 'a TLS handshake on a plain HTTP port,'
+     ' server name example.com'),
+    (client_hello(None), 'a TLS handshake on a plain HTTP port, no server'
+     ' name in its first bytes'),
+    (client_hello('example.com')[:60], 'a TLS handshake on a plain HTTP port,'
+     ' no server name in its first bytes'),
+    (b'\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00', 'a TLS handshake on a'
+     ' plain HTTP port, no server name in its first bytes'),   # not a hello
+    (b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n',
+     'the HTTP/2 connection preface (PRI * HTTP/2.0)'),
+    (b'PROXY TCP4 192.0.2.1 192.0.2.2 56324 80\r\nGET /api HTTP/1.1\r\n'
+     b'Host: x\r\n\r\n', 'a PROXY protocol v1 header: PROXY TCP4 192.0.2.1'
+     ' 192.0.2.2 56324 80'),
+    (kek.PROXY_V2_SIGNATURE + b'\x21\x11\x00\x0c' + bytes(12)
+     + b'GET /api HTTP/1.1\r\nHost: x\r\n\r\n', 'a PROXY protocol v2 header'),
+])
+def test_other_protocols_are_named_in_their_error(trap, data, named):
+    chain = assert_error_and_closed(trap, data, 'not an HTTP/1.x request: '
+                                    + named)
+    assert chain[0][2] == 'not an HTTP/1.x request: %s; client=%s' % (
+        named, chain[0][2].rsplit('=', 1)[1])
+
+
+def test_a_proxy_v2_header_in_pieces_is_still_named(trap):
+    with trap.connect() as sock:
+        for piece in (b'\r\n', b'\r\n', kek.PROXY_V2_SIGNATURE[4:] + bytes(16)):
+            sock.sendall(piece)
+            time.sleep(0.02)        # each piece in a read of its own
+        [(_, _, body)] = parse_responses(recv_until_closed(sock))
+    assert error_body(body) == ['not an HTTP/1.x request: a PROXY protocol v2'
+                                ' header']
 
 
 def test_a_line_over_64_kib_is_refused(trap):
@@ -729,7 +844,11 @@ def test_leading_blank_lines_are_skipped(trap):
 def test_an_empty_connection_logs_nothing(trap):
     trap.connect().close()
     with trap.connect() as sock:
-        sock.sendall(b'\r\n')
+        sock.sendall(b'\r\n')         # blank lines, or a PROXY v2 header?
+    with trap.connect() as sock:
+        sock.sendall(b'\r\n' * 3)     # blank lines only
+        sock.sendall(b'\r')
+        wait_for(lambda: [h for h in trap.server.handlers if h.inbuf == b'\r'])
     key = trap.request()[0].getheader('X-Request-Id')
     assert trap.keys() == [key]
 
@@ -777,7 +896,7 @@ def test_pipelined_requests_are_answered_in_order(trap):
 def test_body_is_read_and_its_size_logged(trap):
     answer, data = trap.request('PUT', body=b'x' * 100000)
     chain = trap.chain(answer.getheader('X-Request-Id'))
-    assert chain[0][2].endswith(' body=100000')
+    assert bare(chain[0][2]).endswith(' body=100000')
 
 
 def test_body_arriving_in_pieces_is_read_before_the_answer(trap):
@@ -825,7 +944,7 @@ def test_duplicated_equal_content_lengths_are_one_length(trap):
             b'Connection: close\r\n\r\nhello')
     [(_, headers, body)] = parse_responses(trap.exchange(data))
     assert error_body(body) == ['method POST is not allowed']
-    assert trap.chain(headers['X-Request-Id'])[0][2].endswith(' body=5')
+    assert bare(trap.chain(headers['X-Request-Id'])[0][2]).endswith(' body=5')
 
 
 def test_an_oversized_body_is_not_read_whole(trap):
@@ -949,7 +1068,7 @@ def test_a_client_that_leaves_mid_body_is_logged_under_its_key(trap):
     [key] = wait_for(trap.keys)
     chain = trap.wait_chain(key, 2)
     assert chain[0][2].startswith('POST /api params={} client=')
-    assert chain[0][2].endswith(' body=10')
+    assert bare(chain[0][2]).endswith(' body=10')
     assert chain[1] == ('ERROR', 'handler', 'the client closed the connection;'
                         ' 5 body bytes missing')
 
@@ -1014,7 +1133,7 @@ def test_a_client_that_resets_before_reading_is_logged(trap):
     sock.shutdown(socket.SHUT_RDWR)     # wakes the sending thread
     sock.close()                        # unread answers: the kernel resets
     line = wait_for(lambda: [l for l in trap.lines() if 'client gone' in l])[0]
-    assert re.search(r' WARNING handler client gone before its answer was sent:'
+    assert re.search(r' ERROR handler client gone before its answer was sent:'
                      r' \[Errno (32|104)\]', line)
 
 
@@ -1102,8 +1221,7 @@ def test_shutdown_after_close_is_harmless(tmp_path):
 
 # -- The log destination -------------------------------------------------------
 
-def make_writer(path, monkeypatch):
-    monkeypatch.setattr(kek, 'ROTATE_CHECK_INTERVAL', 0)
+def make_writer(path):
     writer = kek.LogWriter(str(path))
     writer.setFormatter(kek.TextFormatter())
     return writer
@@ -1116,26 +1234,42 @@ def write_record(writer, message):
     writer.flush()
 
 
-@pytest.mark.parametrize('rotate', ['rename', 'remove'])
-def test_log_file_is_reopened_after_logrotate_moves_it(tmp_path, monkeypatch,
-                                                        rotate):
+@pytest.mark.parametrize('rotate', ['rename', 'rename and create', 'remove'])
+def test_the_very_next_record_after_logrotate_goes_to_the_path(tmp_path,
+                                                               rotate):
     path = tmp_path / 'kek.log'
-    writer = make_writer(path, monkeypatch)
+    writer = make_writer(path)
     write_record(writer, 'before')
-    if rotate == 'rename':
-        path.rename(tmp_path / 'kek.log.1')
-        assert (tmp_path / 'kek.log.1').read_text() == 'K +0.000ms INFO  w before\n'
-    else:
+    if rotate == 'remove':
         path.unlink()
-    write_record(writer, 'after')
+    else:
+        path.rename(tmp_path / 'kek.log.1')
+    if rotate == 'rename and create':       # logrotate's `create`
+        path.write_text('')
+    write_record(writer, 'after')           # at once: no window to lose it in
     assert path.read_text() == 'K +0.000ms INFO  w after\n'
+    if rotate != 'remove':
+        assert (tmp_path / 'kek.log.1').read_text() == \
+            'K +0.000ms INFO  w before\n'
     writer.close()
 
 
-def test_log_file_stays_open_when_it_cannot_be_reopened(tmp_path, monkeypatch):
+def test_a_requested_reopen_opens_the_path_even_if_not_moved(tmp_path):
+    writer = make_writer(tmp_path / 'kek.log')
+    write_record(writer, 'one')
+    held = writer.fd
+    writer.request_reopen()
+    writer.flush()              # no records waiting: reopens all the same
+    assert writer.fd != held and not writer.reopen_requested
+    write_record(writer, 'two')
+    assert (tmp_path / 'kek.log').read_text().count('INFO') == 2
+    writer.close()
+
+
+def test_log_file_stays_open_when_it_cannot_be_reopened(tmp_path):
     folder = tmp_path / 'logs'
     folder.mkdir()
-    writer = make_writer(folder / 'kek.log', monkeypatch)
+    writer = make_writer(folder / 'kek.log')
     write_record(writer, 'before')
     (folder / 'kek.log').rename(tmp_path / 'kek.log.1')
     folder.rmdir()
@@ -1144,28 +1278,25 @@ def test_log_file_stays_open_when_it_cannot_be_reopened(tmp_path, monkeypatch):
     writer.close()
 
 
-def test_a_failing_log_is_reported_once_and_its_recovery_too(tmp_path,
-                                                             monkeypatch, capfd):
-    writer = make_writer(tmp_path / 'kek.log', monkeypatch)
-    monkeypatch.setattr(kek, 'ROTATE_CHECK_INTERVAL', 3600)
-    writer.next_check = time.monotonic() + 3600
-    saved = os.dup(writer.fd)
-    full = os.open('/dev/full', os.O_WRONLY)
+def test_a_failing_log_is_reported_once_and_its_recovery_too(tmp_path, capfd):
+    # LOG_FILE is a link that the test points at /dev/full and back.
+    link, real = tmp_path / 'kek.log', tmp_path / 'real.log'
+    link.symlink_to('/dev/full')
+    writer = make_writer(link)
     failing = ('kek: cannot write the log to %s: [Errno 28] No space left on'
                ' device; dropping records until it works again\n' % writer.path)
     for lost in (3, 2):         # each failure is counted on its own
-        os.dup2(full, writer.fd)
         for n in range(lost):
             write_record(writer, 'lost %d' % n)
-        os.dup2(saved, writer.fd)
+        link.unlink()
+        link.symlink_to(real)
         write_record(writer, 'kept')
         assert capfd.readouterr().err == failing + (
             'kek: writing the log to %s works again; %d records were lost\n'
             % (writer.path, lost))
-    assert (tmp_path / 'kek.log').read_text() == (
-        'K +0.000ms INFO  w kept\n' * 2)
-    for fd in (saved, full):
-        os.close(fd)
+        link.unlink()
+        link.symlink_to('/dev/full')
+    assert real.read_text() == 'K +0.000ms INFO  w kept\n' * 2
     writer.close()
 
 
@@ -1187,8 +1318,10 @@ def test_a_full_log_device_never_stops_the_answers(tmp_path):
     assert [kek_process.get().status for _ in range(3)] == [200] * 3
     status, out, err = kek_process.stop()
     assert status == 0
-    assert err == ('kek: cannot write the log to /dev/full: [Errno 28] No space'
-                   ' left on device; dropping records until it works again\n')
+    assert err == ('kek: listening on http://127.0.0.1:%d, logging to /dev/full\n'
+                   'kek: cannot write the log to /dev/full: [Errno 28] No space'
+                   ' left on device; dropping records until it works again\n'
+                   % port)
 
 
 def test_closed_standard_output_and_error_never_stop_the_answers(tmp_path):
@@ -1199,6 +1332,11 @@ def test_closed_standard_output_and_error_never_stop_the_answers(tmp_path):
     kek_process.port = port
     wait_for(lambda: connectable(port), timeout=10)
     assert [kek_process.get().status for _ in range(3)] == [200] * 3
+    # The closed descriptors were filled with /dev/null before anything was
+    # opened: the listening socket is not fd 1, where the log goes.
+    for fd in (1, 2):
+        assert os.readlink('/proc/%d/fd/%d' % (kek_process.proc.pid, fd)) \
+            == '/dev/null'
     assert kek_process.stop()[0] == 0
 
 
@@ -1344,7 +1482,7 @@ def test_ipv6_host_is_served_and_logged_in_brackets(tmp_path):
         kek.LOGGER.removeHandler(writer)
         writer.close()
     arrival = (tmp_path / 'kek.log').read_text().splitlines()[0]
-    assert re.search(r' client=\[::1\]:\d+$', arrival)
+    assert re.search(r' client=\[::1\]:\d+ headers=', arrival)
 
 
 def test_records_work_with_any_stock_formatter(tmp_path):
@@ -1632,16 +1770,17 @@ CHUNKED_BODY = (b'1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n'
 
 def test_a_chunked_body_split_at_every_byte_decodes_the_same():
     for split in range(1, len(CHUNKED_BODY)):
-        reader, body = kek.ChunkedReader(), kek.Body()
+        reader, body = kek.ChunkedReader(), kek.Body(100)
         inbuf = bytearray(CHUNKED_BODY[:split])
         assert reader.read(inbuf, body) is False
         inbuf += CHUNKED_BODY[split:] + b'NEXT'
         assert reader.read(inbuf, body) is True
         assert (body.size, inbuf) == (36, bytearray(b'NEXT'))
+        assert body.preview == b'abcdefghijklmnopqrstuvwxyz0123456789'
 
 
 def test_a_chunk_line_trickled_byte_by_byte_is_searched_once():
-    reader, body = kek.ChunkedReader(), kek.Body()
+    reader, body = kek.ChunkedReader(), kek.Body(0)
     inbuf = bytearray()
     for byte in b'5;' + b'x' * 100:
         inbuf.append(byte)
@@ -1663,8 +1802,8 @@ def test_http_client_chunked_bodies_are_read(trap):
     conn.close()
     for answer, size in ((answer, 8), (second, 3000)):
         chain = trap.chain(answer.getheader('X-Request-Id'))
-        assert chain[0][2].endswith(' body=chunked')
-        assert chain[1] == ('INFO ', 'query', 'body %d bytes' % size)
+        assert bare(chain[0][2]).endswith(' body=chunked')
+        assert chain[1][2].startswith('body %d bytes ' % size)
     assert error_body(b'{"status": "error", "errors": []}') == []
 
 
@@ -1679,7 +1818,7 @@ def test_the_last_chunk_split_across_reads_ends_the_body(trap):
         answer = wait_for(lambda: sock.recv(65536))
     [(_, headers, body)] = parse_responses(answer)
     assert json.loads(body)['status'] == 'ok'
-    assert trap.chain(headers['X-Request-Id'])[1][2] == 'body 3 bytes'
+    assert trap.chain(headers['X-Request-Id'])[1][2].startswith('body 3 bytes ')
 
 
 def test_expect_100_continue_invites_a_chunked_body(trap):
@@ -1700,7 +1839,7 @@ def test_a_stalled_chunked_body_ends_with_an_error(trap, fast):
              ' complete (chunk data)')
     assert error_body(body) == [error]
     chain = trap.chain(headers['X-Request-Id'])
-    assert chain[0][2].endswith(' body=chunked')
+    assert bare(chain[0][2]).endswith(' body=chunked')
     assert chain[1][2].startswith(error + '; client=')
 
 
@@ -1739,3 +1878,265 @@ def test_a_64_kib_head_of_one_byte_is_parsed_in_linear_time(trap, filler):
     answers = parse_responses(trap.exchange(data))
     assert time.monotonic() - started < 1.0
     assert len(answers) == 1
+
+
+# -- What arrived: headers and bodies ------------------------------------------
+
+def arrival_headers(trap, key):
+    return json.loads(trap.chain(key)[0][2].rpartition(' headers=')[2])
+
+
+BROWSER_HEADERS = [
+    ('Host', 'x'), ('User-Agent', 'Mozilla/5.0 (X11; Linux x86_64)'),
+    ('Accept', 'text/html'), ('Cookie', 'session=c00kie-secret; theme=dark'),
+    ('Authorization', 'Bearer s3cr3t-bearer-token-0123456789abcdef'),
+    ('X-Forwarded-For', '203.0.113.7'), ('Accept', 'application/json'),
+    ('X-Api-Key', 'k3y-value'), ('Proxy-Authorization', 'Basic cHJveHk6cHc='),
+    ('X-CSRF-Token', 'csrf-value'), ('Set-Cookie', 'sid=set-secret; Path=/'),
+    ('X-Auth', 'plain-auth-value'), ('Authorization', 'opaque-secret-value'),
+    ('X-Session-Id', 'sess-value'), ('X-Password', 'pw-value'),
+    ('Authorization', 'Digest username="u", response="digest-secret"'),
+]
+
+
+def test_headers_are_logged_in_order_with_duplicates_and_no_credential(trap):
+    head = b'GET /api HTTP/1.1\r\n' + b''.join(
+        b'%s: %s\r\n' % (name.encode(), value.encode())
+        for name, value in BROWSER_HEADERS) + b'Connection: close\r\n\r\n'
+    [(_, headers, _)] = parse_responses(trap.exchange(head))
+    assert arrival_headers(trap, headers['X-Request-Id']) == [
+        ['Host', 'x'], ['User-Agent', 'Mozilla/5.0 (X11; Linux x86_64)'],
+        ['Accept', 'text/html'], ['Cookie', '<cookies: session, theme>'],
+        ['Authorization', 'Bearer <36 bytes>'],
+        ['X-Forwarded-For', '203.0.113.7'], ['Accept', 'application/json'],
+        ['X-Api-Key', '<9 bytes>'], ['Proxy-Authorization', 'Basic <12 bytes>'],
+        ['X-CSRF-Token', '<10 bytes>'], ['Set-Cookie', '<cookies: sid, Path>'],
+        ['X-Auth', '<16 bytes>'], ['Authorization', '<19 bytes>'],
+        ['X-Session-Id', '<10 bytes>'], ['X-Password', '<8 bytes>'],
+        ['Authorization', 'Digest <38 bytes>'], ['Connection', 'close']]
+    assert trap.chain(headers['X-Request-Id'])[0][2].startswith(
+        'GET /api params={} client=127.0.0.1:')     # client= is the peer
+    log = trap.log_path.read_bytes()
+    for secret in (b'c00kie', b's3cr3t', b'k3y-value', b'cHJveHk6cHc',
+                   b'csrf-value', b'set-secret', b'plain-auth', b'opaque',
+                   b'sess-value', b'pw-value', b'digest-secret'):
+        assert secret not in log
+
+
+def test_http_client_headers_come_out_complete(trap):
+    answer, _ = trap.request('POST', '/api', body=b'{}', headers={
+        'Content-Type': 'application/json', 'X-Request-Id': 'caller-1'})
+    key = answer.getheader('X-Request-Id')
+    assert arrival_headers(trap, key) == [
+        ['Host', '127.0.0.1:%d' % trap.port], ['Accept-Encoding', 'identity'],
+        ['Content-Length', '2'], ['Content-Type', 'application/json'],
+        ['X-Request-Id', 'caller-1']]
+
+
+@pytest.mark.skipif(not shutil.which('curl'), reason='needs curl')
+def test_curl_headers_come_out_complete(trap):
+    out = subprocess.run(
+        ['curl', '-s', '-D', '-', '-o', '/dev/null', '-u', 'user:pa55word',
+         '-b', 'sid=cur1-cookie', '-H', 'X-Request-Id: from-curl',
+         'http://127.0.0.1:%d/api?x=1' % trap.port],
+        capture_output=True, text=True, timeout=10).stdout
+    key = re.search(r'X-Request-Id: (\S+)', out).group(1)
+    headers = arrival_headers(trap, key)
+    assert [name for name, _ in headers] == [
+        'Host', 'Authorization', 'User-Agent', 'Accept', 'Cookie',
+        'X-Request-Id']
+    assert headers[1] == ['Authorization', 'Basic <20 bytes>']
+    assert headers[2][1].startswith('curl/')
+    assert headers[4] == ['Cookie', '<cookies: sid>']
+    assert b'pa55word' not in trap.log_path.read_bytes()
+    assert b'dXNlcjpwYTU1d29yZA' not in trap.log_path.read_bytes()
+    assert b'cur1-cookie' not in trap.log_path.read_bytes()
+
+
+def test_a_long_header_value_is_cut_and_the_cut_said(trap):
+    answer, _ = trap.request(headers={'X-Long': 'v' * 201})
+    assert arrival_headers(trap, answer.getheader('X-Request-Id'))[-1] == [
+        'X-Long', 'v' * 200 + '...(201 chars in all)']
+    answer, _ = trap.request(headers={'X-Long': 'v' * 200})
+    assert arrival_headers(trap, answer.getheader('X-Request-Id'))[-1] == [
+        'X-Long', 'v' * 200]
+
+
+def test_log_headers_off_drops_the_headers(trap, monkeypatch):
+    monkeypatch.setattr(kek, 'LOG_HEADERS', False)
+    answer, _ = trap.request(headers={'X-Request-Id': 'id-1'})
+    arrival = trap.chain(answer.getheader('X-Request-Id'))[0][2]
+    assert 'headers=' not in arrival and 'Accept-Encoding' not in arrival
+    assert arrival.endswith(' x-request-id="id-1"')     # still easy to find
+
+
+def body_record(trap, key):
+    [record] = [message for _, where, message in trap.chain(key)
+                if message.startswith('body ')]
+    return record
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_json_body_record_has_size_type_hash_and_preview(trap):
+    body = json.dumps({'event': 'push', 'name': 'Привет'}).encode()
+    answer, _ = trap.request('POST', '/hook', body=body,
+                             headers={'Content-Type': 'application/json'})
+    key = answer.getheader('X-Request-Id')
+    assert body_record(trap, key) == (
+        'body %d bytes type="application/json" sha256=%s preview=%s'
+        % (len(body), sha(body), json.dumps(body.decode(), ensure_ascii=False)))
+    chain = trap.chain(key)
+    assert chain[1][2] == body_record(trap, key)    # right after the arrival
+
+
+def test_a_form_body_shows_its_fields_and_never_a_password(trap):
+    body = b'user=ann&password=hunter2&api_token=t0k&x=1&x=2'
+    answer, _ = trap.request('POST', '/login', body=body, headers={
+        'Content-Type': 'application/x-www-form-urlencoded; charset=utf-8'})
+    record = body_record(trap, answer.getheader('X-Request-Id'))
+    form = json.loads(record.split(' form=')[1])
+    assert form == {'user': ['ann'], 'password': ['<7 bytes>'],
+                    'api_token': ['<3 bytes>'], 'x': ['1', '2']}
+    assert 'sha256=%s ' % sha(body) in record
+    assert b'hunter2' not in trap.log_path.read_bytes()
+    assert b't0k' not in trap.log_path.read_bytes()
+
+
+def test_a_binary_body_comes_out_as_escapes(trap):
+    body = bytes(range(256))
+    answer, _ = trap.request('PUT', body=body, headers={
+        'Content-Type': 'application/octet-stream'})
+    record = body_record(trap, answer.getheader('X-Request-Id'))
+    preview = json.loads(record.split(' preview=')[1])
+    assert preview.encode('utf-8', 'surrogateescape') == body
+    assert 'sha256=%s ' % sha(body) in record
+    for char in map(chr, list(range(32)) + list(range(127, 160))):
+        assert char not in record
+
+
+def test_a_body_larger_than_log_body_is_hashed_whole_and_previewed_in_part(
+        trap, monkeypatch):
+    monkeypatch.setattr(kek, 'LOG_BODY', 10)
+    body = b'0123456789abcdef' * 1000
+    answer, _ = trap.request('POST', body=body)
+    record = body_record(trap, answer.getheader('X-Request-Id'))
+    assert record == ('body 16000 bytes type="" sha256=%s preview="0123456789"'
+                      ' (the first 10 bytes)' % sha(body))
+
+
+def test_log_body_0_shows_no_content(trap, monkeypatch):
+    monkeypatch.setattr(kek, 'LOG_BODY', 0)
+    answer, _ = trap.request('POST', body=b'password=hunter2', headers={
+        'Content-Type': 'application/x-www-form-urlencoded'})
+    record = body_record(trap, answer.getheader('X-Request-Id'))
+    assert record == ('body 16 bytes type="application/x-www-form-urlencoded"'
+                      ' sha256=%s' % sha(b'password=hunter2'))
+
+
+def test_a_chunked_body_record_is_of_the_decoded_bytes(trap):
+    data = (H + b'Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n'
+            b'Connection: close\r\n\r\n' + CHUNKED_BODY)
+    [(_, headers, _)] = parse_responses(trap.exchange(data))
+    decoded = b'abcdefghijklmnopqrstuvwxyz0123456789'
+    assert body_record(trap, headers['X-Request-Id']) == (
+        'body 36 bytes type="text/plain" sha256=%s preview="%s"'
+        % (sha(decoded), decoded.decode()))
+
+
+def test_a_body_over_the_cap_gets_no_body_record(trap):
+    with trap.connect() as sock:
+        sock.sendall(CHUNKED + b'100000\r\n' + b'x' * 0x100000 + b'\r\n1\r\n')
+        [(_, headers, body)] = parse_responses(recv_until_closed(sock))
+    assert error_body(body) == ['chunked body over 1048576 bytes']
+    chain = trap.chain(headers['X-Request-Id'])
+    assert not [m for _, _, m in chain if m.startswith('body ')]
+    assert bare(chain[0][2]).endswith(' body=chunked')
+
+
+def test_memory_per_connection_is_bounded_by_the_preview(trap, monkeypatch):
+    monkeypatch.setattr(kek, 'LOG_BODY', 100)
+    with trap.connect() as sock:
+        sock.sendall(H + b'Content-Length: 1000000\r\n\r\n' + b'x' * 500000)
+        [handler] = wait_for(lambda: [h for h in trap.server.handlers
+                                      if h.body and h.body.size == 500000])
+        assert len(handler.body.preview) == 100 and not handler.inbuf
+
+
+def test_a_stalled_body_still_shows_its_headers(trap, fast):
+    with trap.connect() as sock:
+        sock.sendall(H + b'X-Event: push\r\nContent-Length: 10\r\n\r\n01234')
+        [(_, headers, _)] = parse_responses(recv_until_closed(sock))
+    assert arrival_headers(trap, headers['X-Request-Id']) == [
+        ['Host', 'x'], ['X-Event', 'push'], ['Content-Length', '10']]
+
+
+def test_an_abandoned_body_still_shows_its_headers(trap):
+    sock = trap.connect()
+    sock.sendall(CHUNKED[:-2] + b'X-Event: push\r\n\r\n5\r\nhel')
+    wait_for(lambda: all(h.state is kek.BODY for h in trap.server.handlers))
+    sock.close()
+    [key] = wait_for(trap.keys)
+    trap.wait_chain(key, 2)
+    assert arrival_headers(trap, key)[-1] == ['X-Event', 'push']
+
+
+def test_hostile_bytes_in_header_names_values_and_bodies_stay_in_line(trap):
+    other = trap.request()[0].getheader('X-Request-Id')
+    forged = ('\u2028%s +0.000ms ERROR query forged\u202e\u3164\u0085'
+              % other).encode()
+    refused = H + b'X-\xd0\x96' + forged + b': v\r\n\r\n'    # not a token
+    [(_, headers, body)] = parse_responses(trap.exchange(refused))
+    assert error_body(body)[0].startswith("header line is not 'Name: value'")
+    sent = forged + b'\n\r\x1b[31m\x00\xff'
+    data = (H + b'X-Note: ' + forged + b'\r\nContent-Type: ' + forged
+            + b'\r\nContent-Length: %d\r\nConnection: close\r\n\r\n'
+            % len(sent) + sent)
+    [(_, headers, _)] = parse_responses(trap.exchange(data))
+    key = headers['X-Request-Id']
+    shown = forged.decode()
+    assert arrival_headers(trap, key)[1:3] == [['X-Note', shown],
+                                               ['Content-Type', shown]]
+    record = body_record(trap, key)
+    assert json.loads(record.split(' preview=')[1]).encode(
+        'utf-8', 'surrogateescape') == sent
+    assert json.loads(record.split(' type=')[1].split(' sha256=')[0]) == shown
+    lines = trap.lines()
+    assert len([line for line in lines if line.startswith(other)]) == 5
+    for line in lines:
+        for char in '\u2028\u202e\u3164\x85\x1b\x00':
+            assert char not in line
+
+
+def test_json_records_carry_headers_and_the_body_as_fields(json_trap):
+    answer, _ = json_trap.request('POST', '/hook?a=1', body=b'{"n": 1}', headers={
+        'Content-Type': 'application/json', 'Authorization': 'Bearer abc',
+        'traceparent': '00-ab-cd-01', 'X-Request-Id': 'mine'})
+    key = answer.getheader('X-Request-Id')
+    arrival, body = [json.loads(line) for line in json_trap.lines()][:2]
+    assert arrival['request'] == body['request'] == key
+    assert arrival['headers'] == [
+        ['Host', '127.0.0.1:%d' % json_trap.port], ['Accept-Encoding', 'identity'],
+        ['Content-Length', '8'], ['Content-Type', 'application/json'],
+        ['Authorization', 'Bearer <3 bytes>'], ['traceparent', '00-ab-cd-01'],
+        ['X-Request-Id', 'mine']]
+    assert (arrival['x_request_id'], arrival['traceparent']) == (
+        'mine', '00-ab-cd-01')
+    assert arrival['body_bytes'] == 8
+    assert {k: body[k] for k in ('body_bytes', 'content_type', 'sha256',
+                                 'preview')} == {
+        'body_bytes': 8, 'content_type': 'application/json',
+        'sha256': sha(b'{"n": 1}'), 'preview': '{"n": 1}'}
+    assert body['message'].startswith('body 8 bytes type="application/json"')
+    assert b'abc' not in json_trap.log_path.read_bytes().replace(b'abcd', b'')
+
+
+def test_json_records_of_a_form_and_a_cut_preview(json_trap, monkeypatch):
+    monkeypatch.setattr(kek, 'LOG_BODY', 5)
+    json_trap.request('POST', body=b'a=1&secret=xyz', headers={
+        'Content-Type': 'application/x-www-form-urlencoded'})
+    body = json.loads(json_trap.lines()[1])
+    assert (body['form'], body['preview_bytes']) == ({'a': ['1'], 's': ['']}, 5)
+    assert 'preview' not in body
