@@ -482,8 +482,6 @@ def control_problem(data):
     if match is None:
         return None
     char = match.group()
-    if char == b'\n':
-        return 'bare LF (not CRLF)'
     if char == b'\r':
         return 'bare CR (not CRLF)'
     return 'control character 0x%02x' % char[0]
@@ -629,8 +627,8 @@ class ChunkedReader:
         self.scanned = 0
         line = bytes(inbuf[:end + 1])
         del inbuf[:end + 1]
-        problem = control_problem(line[:-2]) or (
-            None if line.endswith(b'\r\n') else 'bare LF (not CRLF)')
+        problem = (control_problem(line[:-2]) if line.endswith(b'\r\n')
+                   else 'bare LF (not CRLF)')
         if problem:
             raise BodyError('%s in a %s' % (problem, what))
         return line[:-2]

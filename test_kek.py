@@ -558,8 +558,9 @@ class Process:
             environ['LOG_FILE'] = str(self.log_path)
         environ.update(env or {})
         popen.setdefault('stdout', subprocess.PIPE)
+        popen.setdefault('stderr', subprocess.PIPE)
         self.proc = subprocess.Popen([sys.executable, KEK, *args], env=environ,
-                                     stderr=subprocess.PIPE, text=True, **popen)
+                                     text=True, **popen)
 
     def wait_listening(self):
         line = wait_for(lambda: self.log_path.exists()
@@ -1324,6 +1325,14 @@ def test_a_full_log_device_never_stops_the_answers(tmp_path):
                    % port)
 
 
+def test_a_standard_error_that_cannot_be_written_never_stops_kek(tmp_path):
+    with open('/dev/full', 'w') as full:
+        kek_process = Process(tmp_path, stderr=full)     # ENOSPC on write
+        kek_process.wait_listening()
+        assert kek_process.get().status == 200
+        assert kek_process.stop()[0] == 0
+
+
 def test_closed_standard_output_and_error_never_stop_the_answers(tmp_path):
     port = free_port()
     kek_process = Process(tmp_path, env={'PORT': str(port)}, log_file=False,
@@ -1516,6 +1525,17 @@ def test_bytes_after_a_request_that_asked_to_close_are_counted_not_read(
     assert last == ('ERROR', 'handler', '%d bytes after the last request'
                     ' dropped unread: %s' % (len(extra) + 300,
                                              kek.escape(extra.decode())))
+
+
+def test_a_lingering_client_is_closed_at_the_linger_deadline(trap, fast):
+    with trap.connect() as sock:
+        sock.sendall(b'GARBAGE\r\n\r\n')
+        assert recv_until_closed(sock)      # the answer, then the half-close
+        [handler] = trap.server.handlers
+        wait_for(lambda: handler.state is kek.LINGER)
+        started = time.monotonic()
+        wait_for(lambda: handler.state is kek.CLOSED, timeout=2)
+        assert time.monotonic() - started < 0.3 + 0.2     # LINGER_TIMEOUT, fast
 
 
 def test_a_client_that_asked_to_close_is_closed_at_once(trap, monkeypatch):

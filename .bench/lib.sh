@@ -1,0 +1,90 @@
+# shellcheck shell=bash
+# Helpers for run.sh and compare.sh: how to start each named server, wait until it answers,
+# measure its process tree, stop it by PID.
+BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PROJECT=${PROJECT:-$(cd "$BENCH/.." && pwd)}  # the kek checkout this .bench/ belongs to
+BENCH_VENV=${BENCH_VENV:-/tmp/kek-bench-venv} # the peers' third-party packages live here only
+VENV_PY=$BENCH_VENV/bin/python
+SYS_PY=${SYS_PY:-python3}
+SERVERS_ALL="kek aiohttp_app twisted_web flask_dev"
+
+# setup: wrk from Debian, the peers' packages in their own venv (never the project's)
+bench_setup() {
+    command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+    if [ ! -x "$VENV_PY" ]; then
+        "$SYS_PY" -m venv "$BENCH_VENV"
+        "$VENV_PY" -m pip install -q -r "$BENCH/requirements.txt"
+    fi
+}
+
+# server_cmd NAME -> sets array CMD (the command that becomes the server PID)
+server_cmd() {
+    case "$1" in
+        kek) CMD=("$SYS_PY" "$PROJECT/kek.py") ;;
+        flask_dev|twisted_web|aiohttp_app) CMD=("$VENV_PY" "$BENCH/peers/$1.py") ;;
+        *) echo "unknown server: $1 (known: $SERVERS_ALL)" >&2; return 1 ;;
+    esac
+}
+
+# start_server NAME PORT LOG OUTFILE [taskset-prefix...] -> sets SERVER_PID
+start_server() {
+    local name=$1 port=$2 log=$3 out=$4
+    shift 4
+    server_cmd "$name" || return 1
+    HOST=127.0.0.1 PORT=$port LOG_FILE=$log "$@" "${CMD[@]}" >"$out" 2>&1 &
+    SERVER_PID=$!
+}
+
+# wait_ready PORT PID -> 0 when GET /api?x=1 answers within 20 s
+wait_ready() {
+    local port=$1 pid=$2 i
+    for i in $(seq 200); do
+        kill -0 "$pid" 2>/dev/null || return 1
+        curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$port/api?x=1" && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# descendants PID -> PID and all its descendants, one per line
+descendants() {
+    local p=$1 c
+    echo "$p"
+    for c in $(awk -v p="$p" '$4 == p {print $1}' /proc/[0-9]*/stat 2>/dev/null); do
+        descendants "$c"
+    done
+}
+
+# tree_kib PID FIELD -> sum of FIELD (VmHWM or VmRSS, kB) over the tree
+tree_kib() {
+    local total=0 p v
+    for p in $(descendants "$1"); do
+        v=$(awk -v f="$2:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null)
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
+# log_lines FILE -> line count once it has stopped growing (asynchronous writers)
+log_lines() {
+    local a b
+    a=$(wc -l <"$1" 2>/dev/null || echo 0)
+    while sleep 0.3; b=$(wc -l <"$1" 2>/dev/null || echo 0); [ "$a" != "$b" ]; do a=$b; done
+    echo "$a"
+}
+
+# stop_server PID: SIGTERM, wait up to 15 s, then SIGKILL; always reaps
+stop_server() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null
+    for i in $(seq 150); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "warning: $pid ignored SIGTERM for 15 s, killing" >&2
+        kill -KILL "$pid" 2>/dev/null
+    fi
+    wait "$pid" 2>/dev/null
+    return 0
+}
