@@ -463,7 +463,8 @@ def tls_server_name(data):
             kind, size = number(at, 2), number(at + 2, 2)
             if kind == 0:   # server_name: list length, name type, name length
                 length = number(at + 7, 2)
-                return bytes(data[at + 9:at + 9 + length]) or None
+                name = bytes(data[at + 9:at + 9 + length])
+                return name if name and len(name) == length else None
             at += 4 + size
     except IndexError:
         pass
@@ -787,13 +788,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def take_head(self):
         """Run the request whose head is complete in inbuf; False if none is."""
-        # Search only the new bytes: a client trickling its head byte by byte
-        # must not make every arrival rescan all of it.
         if self.inbuf[0] in FOREIGN_FIRST_BYTES:
             foreign = foreign_protocol(self.inbuf)
             if foreign:
                 self.fail('not an HTTP/1.x request: %s' % foreign)
                 return False
+        # Search only the new bytes: a client trickling its head byte by byte
+        # must not make every arrival rescan all of it.
         new = self.scanned
         end = self.inbuf.find(b'\r\n\r\n', max(0, new - 3))
         self.scanned = len(self.inbuf)

@@ -2,6 +2,7 @@
 file the tests read back; whole-process behaviour runs `python kek.py`."""
 
 import calendar
+import gc
 import hashlib
 import http.client
 import json
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
+from urllib.parse import parse_qs
 
 import pytest
 
@@ -492,6 +495,7 @@ def test_escape_keeps_printable_text_and_escapes_the_rest():
     assert kek.escape('\u202e\u2028\udcff\\') == '\\u202e\\u2028\\udcff\\\\'
     assert kek.escape('\U000e0001') == '\\U000e0001'
     assert kek.escape('\u3164\u2800') == '\\u3164\\u2800'     # invisible
+    assert kek.escape('C:\\dir') == 'C:\\\\dir'     # printable, but a backslash
 
 
 def test_json_text_reads_back_and_shows_only_printable_characters():
@@ -628,6 +632,47 @@ def test_listening_line_with_default_host(tmp_path):
     assert re.fullmatch(r'%s \+0\.\d{3}ms INFO  main listening on '
                         r'http://0\.0\.0\.0:%d\n' % (KEY, port), first)
     assert proc.returncode == 0
+
+
+def test_defaults_are_the_documented_ones():
+    assert kek.read_settings([], {}) == {
+        'host': '0.0.0.0', 'host_name': 'HOST', 'port': 8000,
+        'port_name': 'PORT', 'log_format': 'text', 'log_file': None,
+        'log_headers': True, 'log_body': 1024}
+
+
+def test_every_setting_has_its_largest_value(tmp_path):
+    assert kek.read_settings(['--port', '65535'], {
+        'LOG_BODY': '1048576', 'LOG_HEADERS': 'off', 'LOG_FORMAT': 'json',
+        'LOG_FILE': 'x.log', 'HOST': '::1'}) == {
+        'host': '::1', 'host_name': 'HOST', 'port': 65535,
+        'port_name': '--port', 'log_format': 'json', 'log_file': 'x.log',
+        'log_headers': False, 'log_body': 1048576}
+
+
+def test_help_names_every_setting_with_its_default(tmp_path):
+    out = subprocess.run([sys.executable, KEK, '--help'], capture_output=True,
+                         text=True, timeout=10).stdout
+    for setting in ('--port', '--host', 'PORT=N', 'HOST=H', 'LOG_FILE=PATH',
+                    'LOG_FORMAT=F', 'LOG_HEADERS=X', 'LOG_BODY=N',
+                    '(default 8000)', '(default 0.0.0.0)', '(default text)',
+                    '(default on)', '(default 1024)', 'standard output)',
+                    'KEY +OFFSETms LEVEL WHERE MESSAGE'):
+        assert setting in out
+
+
+def test_sighup_reopens_the_log_file_at_once(tmp_path):
+    kek_process = Process(tmp_path)
+    kek_process.wait_listening()
+    kek_process.log_path.rename(tmp_path / 'kek.log.1')
+    kek_process.proc.send_signal(signal.SIGHUP)
+    # Reopened by the signal itself, before any request: logrotate can
+    # compress kek.log.1 right after its postrotate.
+    wait_for(kek_process.log_path.exists, what='the log reopened')
+    key = kek_process.get().getheader('X-Request-Id')
+    assert kek_process.stop()[0] == 0
+    assert key not in (tmp_path / 'kek.log.1').read_text()
+    assert kek_process.log_path.read_text().startswith(key + ' ')
 
 
 def test_arguments_win_over_the_environment(tmp_path):
@@ -1114,6 +1159,8 @@ def test_a_client_that_does_not_read_is_paused_then_cut(trap, fast):
         ' connection closed')
     answered = len([l for l in trap.lines() if 'responded' in l])
     assert answered < 400       # it stopped reading requests it could not send
+    wait_for(lambda: not trap.server.handlers)          # cut, and only once
+    assert len([l for l in trap.lines() if 'did not read' in l]) == 1
     sock.close()
     assert trap.request()[0].status == 200
 
@@ -1136,6 +1183,8 @@ def test_a_client_that_resets_before_reading_is_logged(trap):
     line = wait_for(lambda: [l for l in trap.lines() if 'client gone' in l])[0]
     assert re.search(r' ERROR handler client gone before its answer was sent:'
                      r' \[Errno (32|104)\]', line)
+    wait_for(lambda: not trap.server.handlers)      # closed at once,
+    assert len([l for l in trap.lines() if 'client gone' in l]) == 1  # once
 
 
 # -- Many connections ----------------------------------------------------------
@@ -1241,6 +1290,7 @@ def test_the_very_next_record_after_logrotate_goes_to_the_path(tmp_path,
     path = tmp_path / 'kek.log'
     writer = make_writer(path)
     write_record(writer, 'before')
+    held = writer.fd
     if rotate == 'remove':
         path.unlink()
     else:
@@ -1249,10 +1299,32 @@ def test_the_very_next_record_after_logrotate_goes_to_the_path(tmp_path,
         path.write_text('')
     write_record(writer, 'after')           # at once: no window to lose it in
     assert path.read_text() == 'K +0.000ms INFO  w after\n'
+    with pytest.raises(OSError):            # the rotated file is let go
+        os.fstat(held)
     if rotate != 'remove':
         assert (tmp_path / 'kek.log.1').read_text() == \
             'K +0.000ms INFO  w before\n'
     writer.close()
+
+
+def test_a_new_log_file_is_made_readable_by_all(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        make_writer(tmp_path / 'kek.log').close()
+    finally:
+        os.umask(umask)
+    assert (tmp_path / 'kek.log').stat().st_mode & 0o777 == 0o644
+
+
+def test_a_log_file_that_stays_in_place_is_not_reopened(tmp_path):
+    writer = make_writer(tmp_path / 'kek.log')
+    held = writer.fd
+    for n in range(3):
+        write_record(writer, 'record %d' % n)
+    assert writer.fd == held
+    writer.close()
+    with pytest.raises(OSError):
+        os.fstat(held)
 
 
 def test_a_requested_reopen_opens_the_path_even_if_not_moved(tmp_path):
@@ -1384,12 +1456,19 @@ def test_running_out_of_file_descriptors_pauses_accepting(tmp_path):
     socks = [socket.create_connection(('127.0.0.1', kek_process.port))
              for _ in range(limit)]
     wait_for(lambda: 'cannot accept' in kek_process.log_path.read_text())
+    time.sleep(5 * kek.ACCEPT_PAUSE)        # hold the shortage for five pauses
     for sock in socks:
         sock.close()
     assert wait_for(lambda: kek_process.get().status == 200)
-    assert kek_process.stop()[0] == 0
-    line = [l for l in kek_process.log_path.read_text().splitlines()
-            if 'cannot accept' in l][0]
+    time.sleep(3 * kek.SWEEP_INTERVAL)      # sweeps after accepting resumed
+    assert kek_process.get().status == 200
+    assert kek_process.stop() == (0, '', 'kek: listening on http://127.0.0.1:'
+                                  '%d, logging to %s\n' % (kek_process.port,
+                                                           kek_process.log_path))
+    pauses = [l for l in kek_process.log_path.read_text().splitlines()
+              if 'cannot accept' in l]
+    assert len(pauses) < 20         # paused each time, not spinning on accept()
+    line = pauses[0]
     assert re.fullmatch(r'%s \+0\.\d{3}ms ERROR main cannot accept connections:'
                         r' \[Errno 24\] Too many open files; pausing 0\.1 s'
                         % KEY, line)
@@ -1535,7 +1614,8 @@ def test_a_lingering_client_is_closed_at_the_linger_deadline(trap, fast):
         wait_for(lambda: handler.state is kek.LINGER)
         started = time.monotonic()
         wait_for(lambda: handler.state is kek.CLOSED, timeout=2)
-        assert time.monotonic() - started < 0.3 + 0.2     # LINGER_TIMEOUT, fast
+        # LINGER_TIMEOUT is 0.3 s here, and deadlines are swept every 0.05 s.
+        assert 0.25 <= time.monotonic() - started < 0.3 + 0.2
 
 
 def test_a_client_that_asked_to_close_is_closed_at_once(trap, monkeypatch):
@@ -1637,6 +1717,10 @@ CONFORMANCE = [
      + b'5 \t;a="b; c"\r\nhello\r\n0\r\n\r\n', ['ok 5']),
     ('chunked, trailers', CHUNKED + b'5\r\nhello\r\n0\r\nX-T: 1\r\nY: 2\r\n'
      b'\r\n', ['ok 5']),
+    ('chunked, 100 trailer lines', CHUNKED + b'0\r\n' + b'X: 1\r\n' * 100
+     + b'\r\n', ['ok 0']),
+    ('chunked, a size line of 4096 bytes', CHUNKED + b'5;' + b'a' * 4094
+     + b'\r\nhello\r\n0\r\n\r\n', ['ok 5']),
     ('chunked, coding name in any case', H + b'Transfer-Encoding: Chunked'
      b'\r\n\r\n0\r\n\r\n', ['ok 0']),
     ('chunked, CRLF in the data', CHUNKED + b'4\r\n\r\n\r\n\r\n0\r\n\r\n',
@@ -1742,6 +1826,12 @@ CONFORMANCE = [
      ['control character 0x01 in a chunk size line']),
     ('chunk size line too long', CHUNKED + b'5;' + b'a' * 5000 + b'\r\n',
      ['chunk size line over 4096 bytes']),
+    ('chunk size line of a bare LF', CHUNKED + b'\n5\r\nhello\r\n0\r\n\r\n',
+     ['bare LF (not CRLF) in a chunk size line']),
+    ('second chunk size line of a bare LF', CHUNKED + b'1\r\nx\r\n\n0\r\n\r\n',
+     ['bare LF (not CRLF) in a chunk size line']),
+    ('chunk size line one byte too long', CHUNKED + b'5;' + b'a' * 4095
+     + b'\r\nhello\r\n0\r\n\r\n', ['chunk size line over 4096 bytes']),
     ('trailer line without a colon', CHUNKED + b'0\r\nnocolon\r\n\r\n',
      ["trailer line is not 'Name: value': nocolon"]),
     ('trailer with a bare LF', CHUNKED + b'0\r\nX: 1\n\r\n',
@@ -1808,6 +1898,15 @@ def test_a_chunk_line_trickled_byte_by_byte_is_searched_once():
         assert reader.scanned == len(inbuf)     # only new bytes are searched
     with pytest.raises(kek.BodyError, match='chunk size line over 4096 bytes'):
         reader.read(inbuf + b'x' * 5000, body)
+
+
+def test_a_chunk_line_waits_for_its_lf_up_to_its_limit():
+    reader, body = kek.ChunkedReader(), kek.Body(0)
+    inbuf = bytearray(b'5;' + b'a' * 4094 + b'\r')     # 4096 bytes and a CR
+    assert reader.read(inbuf, body) is False            # its LF may come
+    inbuf += b'x'
+    with pytest.raises(kek.BodyError, match='chunk size line over 4096 bytes'):
+        reader.read(inbuf, body)
 
 
 def test_http_client_chunked_bodies_are_read(trap):
@@ -2160,3 +2259,185 @@ def test_json_records_of_a_form_and_a_cut_preview(json_trap, monkeypatch):
     body = json.loads(json_trap.lines()[1])
     assert (body['form'], body['preview_bytes']) == ({'a': ['1'], 's': ['']}, 5)
     assert 'preview' not in body
+
+
+@pytest.mark.parametrize('query', [
+    '', 'a=1', 'a=1&a=2&b=', 'a&b=&=c&&', 'a=%41&b=', 'a+b=c+d&e=', 'x=%ff%fe',
+    'a=1;b=2', 'a==b', '%=%', 'п=я'])
+def test_queries_are_parsed_as_parse_qs_would(query):
+    assert kek.parse_query(query) == parse_qs(query, keep_blank_values=True,
+                                              errors='surrogateescape')
+
+
+def test_a_refused_client_that_half_closed_is_closed_at_once(trap,
+                                                            monkeypatch):
+    monkeypatch.setattr(kek, 'LINGER_TIMEOUT', 60)
+    with trap.connect() as sock:
+        sock.sendall(b'GARBAGE\r\n\r\n')
+        sock.shutdown(socket.SHUT_WR)       # it will send nothing more
+        assert recv_until_closed(sock)
+        # No half-close and linger for a client that already said it is done.
+        wait_for(lambda: not trap.server.handlers, timeout=2)
+
+
+def test_requests_that_waited_for_room_to_answer_are_all_answered(trap):
+    """Answers far larger than their requests (each byte that is not UTF-8
+    comes back as a 6-byte \\udcff escape): the requests, all read at once,
+    wait while 256 KiB of answers are pending, then are answered in turn."""
+    request = b'GET /' + b'\xff' * 5000 + b' HTTP/1.1\r\nHost: x\r\n\r\n'
+    with trap.connect() as sock:
+        sock.sendall(request * 11 + CLOSE)
+        answers = parse_responses(recv_until_closed(sock))
+    assert len(answers) == 12
+    assert sum(len(body) for _, _, body in answers[:11]) > kek.MAX_PENDING_OUTPUT
+
+
+def test_a_server_restarted_on_its_port_binds_at_once():
+    """The old server closed connections first, leaving them in TIME_WAIT;
+    without SO_REUSEADDR the new one could not bind for a minute."""
+    first = kek.Server(('127.0.0.1', 0))
+    port = first.server_address[1]
+    thread = threading.Thread(target=first.serve_forever)
+    thread.start()
+    with socket.create_connection(('127.0.0.1', port), timeout=5) as sock:
+        sock.sendall(CLOSE)
+        assert recv_until_closed(sock)
+    first.shutdown()
+    thread.join(5)
+    first.server_close()
+    kek.Server(('127.0.0.1', port)).server_close()
+
+
+def test_a_port_in_use_leaks_no_socket():
+    taken = kek.Server(('127.0.0.1', 0))
+    before = len(os.listdir('/proc/self/fd'))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        refused = False
+        try:
+            kek.Server(taken.server_address)
+        except OSError:
+            refused = True
+        gc.collect()        # a socket left to the collector warns here
+    assert refused
+    assert len(os.listdir('/proc/self/fd')) == before
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    taken.server_close()
+
+
+def test_shutdown_wakes_the_loop_at_once(trap, monkeypatch):
+    monkeypatch.setattr(kek, 'SWEEP_INTERVAL', 60)     # no timeout to rely on
+    trap.request()          # the loop now sleeps in select() for 60 s
+    started = time.monotonic()
+    trap.server.shutdown()
+    trap.thread.join(5)
+    assert not trap.thread.is_alive()
+    assert time.monotonic() - started < 1
+
+
+def test_a_stopping_server_accepts_no_new_connection(trap):
+    busy = trap.connect()
+    busy.sendall(b'GET /api?late=1 HTTP/1.1\r\n')
+    wait_for(lambda: [h for h in trap.server.handlers if h.state is kek.HEAD])
+    trap.server.shutdown()
+    wait_for(lambda: not trap.server.accepting)
+    with trap.connect() as late:            # the kernel's backlog takes it...
+        late.sendall(CLOSE)
+        busy.sendall(b'Host: x\r\n\r\n')
+        assert parse_responses(recv_until_closed(busy))
+        trap.thread.join(5)
+        trap.server.server_close()          # as main() does after the loop
+        try:
+            answer = recv_until_closed(late)
+        except ConnectionResetError:
+            answer = b''
+        assert answer == b''                # ...but kek never answers it
+    busy.close()
+
+
+def test_accepted_connections_have_nagle_off(harness):
+    _, handler, _ = harness
+    assert handler.request.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_server_close_releases_every_descriptor():
+    before = len(os.listdir('/proc/self/fd'))
+    server = kek.Server(('127.0.0.1', 0))
+    assert len(os.listdir('/proc/self/fd')) > before
+    server.server_close()
+    assert len(os.listdir('/proc/self/fd')) == before
+
+
+def test_offsets_are_milliseconds_since_arrival(json_trap):
+    started = time.monotonic() - 10
+    before = time.monotonic()
+    kek.RequestLog('K', started, 'query').info('late')
+    after = time.monotonic()
+    kek.flush_log()
+    record = json.loads(json_trap.lines()[-1])
+    assert round((before - started) * 1000, 3) <= record['offset_ms'] \
+        <= round((after - started) * 1000, 3)
+    assert record['offset_ms'] == round(record['offset_ms'], 3)     # 3 places
+
+
+def test_a_method_of_32_characters_is_a_method(trap):
+    data = b'M' * 32 + b' /api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+    [(_, _, body)] = parse_responses(trap.exchange(data))
+    assert error_body(body) == ['method %s is not allowed' % ('M' * 32)]
+
+
+def test_a_method_of_33_characters_is_junk_at_once(trap):
+    with trap.connect() as sock:
+        sock.sendall(b'M' * 33 + b' /api')      # no line end: no head yet
+        [(_, _, body)] = parse_responses(wait_for(lambda: sock.recv(65536)))
+    assert error_body(body) == ['not an HTTP request: %s /api' % ('M' * 33)]
+
+
+@pytest.mark.parametrize('scheme, shown', [
+    ('S' * 32, 'S' * 32 + ' <6 bytes>'), ('S' * 33, '<40 bytes>')])
+def test_an_authorization_scheme_too_long_to_be_one_is_not_shown(
+        trap, scheme, shown):
+    answer, _ = trap.request(headers={'Authorization': scheme + ' secret'})
+    assert arrival_headers(trap, answer.getheader('X-Request-Id'))[-1] == [
+        'Authorization', shown]
+
+
+def tls_hello(extensions, session_id=bytes(32), ciphers=b'\x13\x01\x13\x02',
+              compression=b'\x00', extensions_length=None):
+    """A TLS ClientHello built field by field: [(type, data), ...]."""
+    def sized(data, size):
+        return len(data).to_bytes(size, 'big') + data
+    block = b''.join(kind.to_bytes(2, 'big') + sized(data, 2)
+                     for kind, data in extensions)
+    length = len(block) if extensions_length is None else extensions_length
+    body = (b'\x03\x03' + bytes(32) + sized(session_id, 1) + sized(ciphers, 2)
+            + sized(compression, 1) + length.to_bytes(2, 'big') + block)
+    handshake = b'\x01' + sized(body, 3)
+    return b'\x16\x03\x01' + sized(handshake, 2)
+
+
+def sni(name):
+    entry = b'\x00' + len(name).to_bytes(2, 'big') + name
+    return (0, len(entry).to_bytes(2, 'big') + entry)
+
+
+GROUPS = (10, b'\x00\x04\x00\x1d\x00\x17')
+ALPN = (16, b'\x00\x03\x02h2')
+
+
+@pytest.mark.parametrize('hello, name', [
+    (tls_hello([GROUPS, sni(b'b.example'), ALPN]), b'b.example'),
+    (tls_hello([sni(b'first.example'), GROUPS]), b'first.example'),
+    (tls_hello([ALPN, GROUPS, sni(b'x.example')], session_id=b'',
+               ciphers=bytes(60)), b'x.example'),
+    (tls_hello([GROUPS, ALPN]), None),
+    (tls_hello([sni(b'')]), None),
+    (tls_hello([GROUPS, sni(b'late.example')], extensions_length=13), None),
+    (tls_hello([GROUPS, sni(b'c.example')], compression=b'\x00\x00'),
+     b'c.example'),
+    (tls_hello([GROUPS, sni(b'n' * 300), ALPN]), b'n' * 300),
+    (tls_hello([GROUPS, sni(b'cut.example')])[:-4], None),
+    (tls_hello([GROUPS, sni(b'x')])[:5] + b'\x02' + bytes(50), None),
+])
+def test_the_server_name_is_read_from_a_client_hello(hello, name):
+    assert kek.tls_server_name(hello) == name
