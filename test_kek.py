@@ -2441,3 +2441,14 @@ ALPN = (16, b'\x00\x03\x02h2')
 ])
 def test_the_server_name_is_read_from_a_client_hello(hello, name):
     assert kek.tls_server_name(hello) == name
+
+
+@pytest.mark.parametrize('value', [
+    {'a': ['1', 'п'], 'b': []}, [('Host', 'x')], 'text "q"', 1.5, None, True])
+def test_readable_json_is_json_dumps_keeping_text_readable(value):
+    assert kek.readable_json(value) == json.dumps(value, ensure_ascii=False)
+
+
+def test_readable_json_refuses_what_is_not_json():
+    with pytest.raises(TypeError, match='is not JSON'):
+        kek.readable_json({'a': object()})
