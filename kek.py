@@ -139,8 +139,7 @@ def escape(text):
     that were not UTF-8 (held as surrogates) and the backslash itself become
     backslash escapes.
     """
-    if (text.isprintable() and '\\' not in text
-            and (text.isascii() or INVISIBLE.search(text) is None)):
+    if readable(text) and '\\' not in text:
         return text
     return ''.join(c if readable(c) and c != '\\'
                    else c.encode('unicode_escape').decode('ascii')
@@ -488,6 +487,15 @@ def as_text(data):
     return bytes(data).decode('utf-8', 'surrogateescape')
 
 
+def split_field(line):
+    """(name, value) of a header or trailer line 'Name: value', the value
+    without the blanks around it; None if the line is not one."""
+    name, colon, value = line.partition(':')
+    if not colon or not TOKEN.fullmatch(name):
+        return None
+    return name, value.strip(' \t')
+
+
 def control_problem(data):
     """The error for a control character in data, or None if it has none."""
     match = CONTROL.search(data)
@@ -517,10 +525,10 @@ def parse_query(query):
     return params
 
 
-def target_path(target):
-    """The path of a request target as sent; the absolute form that proxies
-    send (http://host/api?x=1) names its path after the authority."""
-    path = target.partition('?')[0]
+def target_path(path):
+    """The path of a request target (the part before '?') as sent; the
+    absolute form that proxies send (http://host/api) names its path after
+    the authority."""
     if path.startswith('/'):
         return path             # the origin form, by far the most common
     scheme, sep, rest = path.partition('://')
@@ -663,8 +671,7 @@ class ChunkedReader:
         self.trailer_lines += 1
         if self.trailer_lines > MAX_HEADERS:
             raise BodyError('more than %d trailer lines' % MAX_HEADERS)
-        name, colon, _ = line.partition(b':')
-        if not colon or not TOKEN.fullmatch(name.decode('latin-1')):
+        if split_field(line.decode('latin-1')) is None:
             raise BodyError("trailer line is not 'Name: value': %s"
                             % shown(line.decode('latin-1')))
 
@@ -973,11 +980,11 @@ class Handler(BaseHTTPRequestHandler):
         self.header_list = []       # (name as sent, value), in order
         hosts = 0
         for line in lines[1:]:
-            name, colon, value = line.partition(':')
-            if not colon or not TOKEN.fullmatch(name):
+            field = split_field(line)
+            if field is None:
                 return self.send_error(400, "header line is not 'Name: value'"
                                        ": %s" % shown(line))
-            value = value.strip(' \t')
+            name, value = field
             self.header_list.append((name, value))
             name = name.lower()
             if name in headers:
@@ -1013,9 +1020,10 @@ class Handler(BaseHTTPRequestHandler):
         """Every request that parses comes here, GET or not: choose the
         reader for its body, then run query() once the body has come."""
         self.log = RequestLog(self.key, self.started, 'query')
-        self.url_path = target_path(self.path)
+        path, _, query = self.path.partition('?')
+        self.url_path = target_path(path)
         self.declared = None      # the body's length as declared, or 'chunked'
-        self.params = parse_query(self.path.partition('?')[2])
+        self.params = parse_query(query)
         try:
             self.reader = self.body_reader()
         except BodyError as error:

@@ -477,15 +477,14 @@ def test_hostile_bytes_never_split_forge_or_colour_a_line(trap):
     assert json.loads(body)['status'] == 'ok'
 
 
-@pytest.mark.parametrize('data', [
-    b'GET /api?c=\x1b[31m HTTP/1.1\r\nHost: x\r\n\r\n',
-    b'GET /api HTTP/1.1\r\nHost: x\r\nX-Request-Id: \x1b[0m\r\n\r\n',
-    b'GET /api HTTP/1.1\r\nHost: x\r\nX: \x7f\r\n\r\n',
+@pytest.mark.parametrize('data, char', [
+    (b'GET /api?c=\x1b[31m HTTP/1.1\r\nHost: x\r\n\r\n', 0x1b),
+    (b'GET /api HTTP/1.1\r\nHost: x\r\nX-Request-Id: \x1b[0m\r\n\r\n', 0x1b),
+    (b'GET /api HTTP/1.1\r\nHost: x\r\nX: \x7f\r\n\r\n', 0x7f),
 ])
-def test_raw_control_characters_in_a_head_are_refused(trap, data):
-    char = re.search(rb'[\x00-\x08\x0a-\x1f\x7f](?<!\r\n)', data.replace(b'\r\n', b''))
+def test_raw_control_characters_in_a_head_are_refused(trap, data, char):
     assert_error_and_closed(trap, data, 'control character 0x%02x in the'
-                            ' request head' % char.group()[0])
+                            ' request head' % char)
     assert b'\x1b' not in trap.log_path.read_bytes()
 
 
@@ -1923,7 +1922,6 @@ def test_http_client_chunked_bodies_are_read(trap):
         chain = trap.chain(answer.getheader('X-Request-Id'))
         assert bare(chain[0][2]).endswith(' body=chunked')
         assert chain[1][2].startswith('body %d bytes ' % size)
-    assert error_body(b'{"status": "error", "errors": []}') == []
 
 
 def test_the_last_chunk_split_across_reads_ends_the_body(trap):
