@@ -245,29 +245,49 @@ class TextFormatter(logging.Formatter):
                                            self.message(record))
 
     def message(self, record):
-        """The message, with the traceback if any, escaped into one line."""
-        message = record.getMessage()
+        """The message, with the traceback if any, escaped into one line
+        (as it is if the record says its client text is escaped already)."""
         if record.exc_info:
-            message += '\n' + self.formatException(record.exc_info)
-        elif getattr(record, 'escaped', False):
-            return message
-        return escape(message)
+            return escape(self.with_traceback(record))
+        if getattr(record, 'escaped', False):
+            return record.getMessage()
+        return escape(record.getMessage())
+
+    def with_traceback(self, record):
+        return record.getMessage() + '\n' + self.formatException(record.exc_info)
 
 
 class JsonFormatter(TextFormatter):
     """One JSON object a line: request, offset_ms, level, where, message, and
     the fields of arrival and body records (method, url, params, client,
-    headers, sha256, ...), each escaped once, by JSON."""
+    headers, sha256, ...).  Client text is escaped once, by JSON: a record
+    with fields has for its message a brief of them ("GET /api?x=1"), not
+    the text line's rendering of them.
+
+    The key, level and WHERE are kek's own ASCII, so the line is put together
+    around them and only the message and the fields go through the encoder.
+    """
 
     def format(self, record):
-        fields = {'request': record.request,
-                  'offset_ms': round(record.offset_ms, 3),
-                  'level': record.levelname, 'where': record.where,
-                  'message': self.message(record)}
-        if record.request is None:
-            fields['time'] = record.key
-        fields.update(getattr(record, 'fields', ()))
-        return json_text(fields)
+        if record.exc_info:
+            message = json_text(self.with_traceback(record))
+        else:
+            message = json_text(getattr(record, 'brief', None)
+                                or record.getMessage())
+        if record.request is None:      # a server record: its key is a time
+            line = ('{"request": null, "offset_ms": %.3f, "level": "%s", '
+                    '"where": "%s", "message": %s, "time": "%s"' % (
+                        record.offset_ms, record.levelname, record.where,
+                        message, record.key))
+        else:
+            line = ('{"request": "%s", "offset_ms": %.3f, "level": "%s", '
+                    '"where": "%s", "message": %s' % (
+                        record.key, record.offset_ms, record.levelname,
+                        record.where, message))
+        fields = getattr(record, 'fields', None)
+        if fields:
+            return line + ', ' + json_text(fields)[1:]
+        return line + '}'
 
 
 class LogWriter(logging.Handler):
@@ -1163,7 +1183,9 @@ def log_arrival(request):
                    for name, value in request.header_list]
         fields['headers'] = headers
         text += ' headers=' + json_text(headers)
-    request.log.info(text, extra={'fields': fields, 'escaped': True})
+    request.log.info(text, extra={
+        'fields': fields, 'escaped': True,
+        'brief': '%s %s' % (request.command, request.path)})
 
 
 def log_body(request):
@@ -1193,7 +1215,8 @@ def log_body(request):
         if body.size > len(body.preview):
             fields['preview_bytes'] = len(body.preview)
             text += ' (the first %d bytes)' % len(body.preview)
-    request.log.info(text, extra={'fields': fields, 'escaped': True})
+    request.log.info(text, extra={'fields': fields, 'escaped': True,
+                                  'brief': 'body %d bytes' % body.size})
 
 
 def query(request):
