@@ -774,12 +774,16 @@ class Handler(BaseHTTPRequestHandler):
         if not data:
             self.on_eof()
             return
-        self.active_at = time.monotonic()
         if self.state is CLOSING or self.state is LINGER:
-            self.drop(data)
-        else:
-            self.inbuf += data
-            self.handle()
+            self.drop(data)     # not progress: only sending the answer is
+            return
+        # Between requests only a request's first byte is progress (begin()
+        # counts it), not blank lines: else two bytes every few seconds
+        # would hold a connection open for ever.
+        if self.state is not IDLE:
+            self.active_at = time.monotonic()
+        self.inbuf += data
+        self.handle()
 
     def on_eof(self):
         self.eof = True
@@ -820,7 +824,7 @@ class Handler(BaseHTTPRequestHandler):
                 return False
         self.state = HEAD
         self.key = KEYS.next()
-        self.started = time.monotonic()
+        self.started = self.active_at = time.monotonic()
         self.command = self.request_version = ''
         return True
 

@@ -1096,6 +1096,27 @@ def test_an_idle_keep_alive_connection_is_closed_silently(trap, fast):
     assert trap.keys() == [headers['X-Request-Id']]
 
 
+def test_blank_lines_do_not_keep_an_idle_connection_open(trap, fast):
+    with trap.connect() as sock:
+        sock.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\n\r\n')
+        sock.settimeout(5)
+        data = b''
+        while not data.endswith(b'}\n'):      # the whole answer
+            data += sock.recv(65536)
+        answered = time.monotonic()
+        [(_, headers, _)] = parse_responses(data)
+        closed = False
+        while not closed and time.monotonic() < answered + 3:
+            try:
+                sock.sendall(b'\r\n')     # allowed before a request line
+                if select.select([sock], [], [], 0.1)[0]:
+                    closed = sock.recv(1) == b''
+            except ConnectionError:     # reset: closed with blanks unread
+                closed = True
+        assert closed and time.monotonic() - answered < 1.5
+    assert trap.keys() == [headers['X-Request-Id']]
+
+
 def test_a_stalled_body_is_cut_and_its_request_ends_with_an_error(trap, fast):
     with trap.connect() as sock:
         sock.sendall(b'POST /api?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234')
@@ -1528,6 +1549,30 @@ def test_a_spurious_wakeup_reads_nothing(harness):
     wait_for(lambda: select.select([handler.request], [], [], 0)[0])
     handler.on_readable()
     assert handler.inbuf == b'GET'
+
+
+def test_bytes_dropped_after_a_closing_request_are_not_progress(harness):
+    _, handler, client = harness
+    client.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+    wait_for(lambda: select.select([handler.request], [], [], 0)[0])
+    handler.on_readable()
+    assert handler.state is kek.CLOSING and handler.wfile   # not yet sent
+    unread_since = handler.active_at
+    client.sendall(b'junk')     # a client that writes but never reads
+    wait_for(lambda: select.select([handler.request], [], [], 0)[0])
+    handler.on_readable()
+    assert handler.dropped == 4
+    assert handler.expired(unread_since + kek.IDLE_TIMEOUT)
+
+
+def test_a_request_begun_late_in_the_idle_time_gets_its_own_deadline(harness):
+    _, handler, client = harness
+    handler.active_at -= kek.IDLE_TIMEOUT - 0.01     # idle almost too long
+    client.sendall(b'\r\nGET /api')
+    wait_for(lambda: select.select([handler.request], [], [], 0)[0])
+    handler.on_readable()
+    assert handler.state is kek.HEAD
+    assert not handler.expired(time.monotonic() + 0.5)
 
 
 def test_eof_with_answers_pending_sends_them_then_closes(harness):
