@@ -245,24 +245,27 @@ class TextFormatter(logging.Formatter):
                                            self.message(record))
 
     def message(self, record):
-        """The message, with the traceback if any, escaped into one line
-        (as it is if the record says its client text is escaped already)."""
+        """The message, with the traceback if any, escaped into one line.
+        A record with fields (arrival, body) has a function that writes them
+        on a text line, each value escaped in the grammar of its place."""
         if record.exc_info:
             return escape(self.with_traceback(record))
-        if getattr(record, 'escaped', False):
-            return record.getMessage()
+        text_line = getattr(record, 'text_line', None)
+        if text_line:
+            return text_line(record.fields)
         return escape(record.getMessage())
 
     def with_traceback(self, record):
+        """The message and its traceback, as they are: each format escapes."""
         return record.getMessage() + '\n' + self.formatException(record.exc_info)
 
 
 class JsonFormatter(TextFormatter):
     """One JSON object a line: request, offset_ms, level, where, message, and
     the fields of arrival and body records (method, url, params, client,
-    headers, sha256, ...).  Client text is escaped once, by JSON: a record
-    with fields has for its message a brief of them ("GET /api?x=1"), not
-    the text line's rendering of them.
+    headers, sha256, ...).  Client text is escaped once, by JSON; the
+    message of a record with fields is only a brief of them ("GET /api?x=1",
+    "body 32 bytes").
 
     The key, level and WHERE are kek's own ASCII, so the line is put together
     around them and only the message and the fields go through the encoder.
@@ -272,8 +275,7 @@ class JsonFormatter(TextFormatter):
         if record.exc_info:
             message = json_text(self.with_traceback(record))
         else:
-            message = json_text(getattr(record, 'brief', None)
-                                or record.getMessage())
+            message = json_text(record.getMessage())
         if record.request is None:      # a server record: its key is a time
             line = ('{"request": null, "offset_ms": %.3f, "level": "%s", '
                     '"where": "%s", "message": %s, "time": "%s"' % (
@@ -285,7 +287,7 @@ class JsonFormatter(TextFormatter):
                         record.key, record.offset_ms, record.levelname,
                         record.where, message))
         fields = getattr(record, 'fields', None)
-        if fields:
+        if fields:      # the fields' own object, its '{' dropped, ends the line
             return line + ', ' + json_text(fields)[1:]
         return line + '}'
 
@@ -1163,33 +1165,41 @@ class ValidationError(Exception):
 
 
 def log_arrival(request):
-    """The first record of a request: what arrived.  Each value on the text
-    line is escaped once, in the grammar of its place (the URL as text, the
-    parameters and headers as JSON); the JSON format takes them as fields."""
+    """The first record of a request: what arrived, as fields.  Each format
+    writes them in its own grammar, so each value is escaped once: JSON
+    as they are, a text line through arrival_text()."""
     fields = {'method': request.command, 'url': request.path,
               'params': request.params, 'client': request.client}
-    text = '%s %s params=%s client=%s' % (
-        request.command, escape(request.path), json_text(request.params),
-        request.client)
     if request.declared == 'chunked':
         fields['transfer_encoding'] = 'chunked'
-        text += ' body=chunked'
     elif request.declared:
         fields['body_bytes'] = request.declared
-        text += ' body=%d' % request.declared
     for name in ('x-request-id', 'traceparent'):
         if name in request.headers:
-            value = shown(request.headers[name])
-            fields[name.replace('-', '_')] = value
-            text += ' %s=%s' % (name, json_text(value))
+            fields[name.replace('-', '_')] = shown(request.headers[name])
     if LOG_HEADERS:
-        headers = [(name, shown_header(name, value))
-                   for name, value in request.header_list]
-        fields['headers'] = headers
-        text += ' headers=' + json_text(headers)
-    request.log.info(text, extra={
-        'fields': fields, 'escaped': True,
-        'brief': '%s %s' % (request.command, request.path)})
+        fields['headers'] = [(name, shown_header(name, value))
+                             for name, value in request.header_list]
+    request.log.info('%s %s' % (request.command, request.path),
+                     extra={'fields': fields, 'text_line': arrival_text})
+
+
+def arrival_text(fields):
+    """The arrival on a text line: the URL as text, the parameters, the
+    client's ids and the headers as JSON."""
+    text = '%s %s params=%s client=%s' % (
+        fields['method'], escape(fields['url']), json_text(fields['params']),
+        fields['client'])
+    if 'transfer_encoding' in fields:
+        text += ' body=chunked'
+    elif 'body_bytes' in fields:
+        text += ' body=%d' % fields['body_bytes']
+    for name in ('x_request_id', 'traceparent'):
+        if name in fields:
+            text += ' %s=%s' % (name.replace('_', '-'), json_text(fields[name]))
+    if 'headers' in fields:
+        text += ' headers=' + json_text(fields['headers'])
+    return text
 
 
 def log_body(request):
@@ -1197,30 +1207,40 @@ def log_body(request):
     for either framing), type, SHA-256 and first LOG_BODY bytes.  A form's
     fields are shown like the query's, secret-looking ones by length only."""
     body = request.body
-    content_type = shown(request.headers.get('content-type', ''))
-    fields = {'body_bytes': body.size, 'content_type': content_type,
+    fields = {'body_bytes': body.size,
+              'content_type': shown(request.headers.get('content-type', '')),
               'sha256': body.sha256.hexdigest()}
-    text = 'body %d bytes type=%s sha256=%s' % (
-        body.size, json_text(content_type), fields['sha256'])
     if body.keep:
         preview = as_text(body.preview)
-        media_type = content_type.partition(';')[0].strip(' \t').lower()
-        if media_type == 'application/x-www-form-urlencoded':
-            form = {name: ['<%d bytes>' % byte_count(value) for value in values]
-                    if SECRET_NAME.search(name.lower()) else values
-                    for name, values in parse_qs(
-                        preview, keep_blank_values=True,
-                        errors='surrogateescape').items()}
-            fields['form'] = form
-            text += ' form=' + json_text(form)
+        media_type = fields['content_type'].partition(';')[0].strip(' \t')
+        if media_type.lower() == 'application/x-www-form-urlencoded':
+            fields['form'] = {
+                name: ['<%d bytes>' % byte_count(value) for value in values]
+                if SECRET_NAME.search(name.lower()) else values
+                for name, values in parse_qs(
+                    preview, keep_blank_values=True,
+                    errors='surrogateescape').items()}
         else:
             fields['preview'] = preview
-            text += ' preview=' + json_text(preview)
         if body.size > len(body.preview):
             fields['preview_bytes'] = len(body.preview)
-            text += ' (the first %d bytes)' % len(body.preview)
-    request.log.info(text, extra={'fields': fields, 'escaped': True,
-                                  'brief': 'body %d bytes' % body.size})
+    request.log.info('body %d bytes' % body.size,
+                     extra={'fields': fields, 'text_line': body_text})
+
+
+def body_text(fields):
+    """The body record on a text line: the type and preview or form as
+    JSON."""
+    text = 'body %d bytes type=%s sha256=%s' % (
+        fields['body_bytes'], json_text(fields['content_type']),
+        fields['sha256'])
+    if 'form' in fields:
+        text += ' form=' + json_text(fields['form'])
+    elif 'preview' in fields:
+        text += ' preview=' + json_text(fields['preview'])
+    if 'preview_bytes' in fields:
+        text += ' (the first %d bytes)' % fields['preview_bytes']
+    return text
 
 
 def query(request):
