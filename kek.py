@@ -37,6 +37,7 @@ from urllib.parse import parse_qs
 
 DEFAULT_HOST = '0.0.0.0'
 DEFAULT_PORT = 8000
+MAX_PORT = 65535
 LOG_FORMATS = ('text', 'json')
 LOG_HEADERS_VALUES = ('on', 'off')
 DEFAULT_LOG_BODY = 1024         # bytes of each body shown on its body record
@@ -276,16 +277,12 @@ class JsonFormatter(TextFormatter):
             message = json_text(self.with_traceback(record))
         else:
             message = json_text(record.getMessage())
+        line = ('{"request": %s, "offset_ms": %.3f, "level": "%s", "where": "%s",'
+                ' "message": %s' % (
+                    'null' if record.request is None else '"%s"' % record.key,
+                    record.offset_ms, record.levelname, record.where, message))
         if record.request is None:      # a server record: its key is a time
-            line = ('{"request": null, "offset_ms": %.3f, "level": "%s", '
-                    '"where": "%s", "message": %s, "time": "%s"' % (
-                        record.offset_ms, record.levelname, record.where,
-                        message, record.key))
-        else:
-            line = ('{"request": "%s", "offset_ms": %.3f, "level": "%s", '
-                    '"where": "%s", "message": %s' % (
-                        record.key, record.offset_ms, record.levelname,
-                        record.where, message))
+            line += ', "time": "%s"' % record.key
         fields = getattr(record, 'fields', None)
         if fields:      # the fields' own object, its '{' dropped, ends the line
             return line + ', ' + json_text(fields)[1:]
@@ -868,8 +865,7 @@ class Handler(BaseHTTPRequestHandler):
             if not self.reader.read(self.inbuf, self.body):
                 return False
         except BodyError as error:
-            log_arrival(self)
-            self.fail(str(error))
+            self.fail_body(str(error))
             return True
         self.run_query()
         return True
@@ -931,9 +927,8 @@ class Handler(BaseHTTPRequestHandler):
                                          IDLE_TIMEOUT)
             self.close()
         elif self.state is BODY:
-            log_arrival(self)
-            self.fail('request body stalled: no byte for %g s, %s'
-                      % (IDLE_TIMEOUT, self.reader.missing()))
+            self.fail_body('request body stalled: no byte for %g s, %s'
+                           % (IDLE_TIMEOUT, self.reader.missing()))
         elif self.state is HEAD:
             self.fail('request head not complete within %g s (%d bytes'
                       ' received)' % (HEAD_TIMEOUT, len(self.inbuf)))
@@ -1053,8 +1048,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             self.reader = self.body_reader()
         except BodyError as error:
-            log_arrival(self)
-            self.fail(str(error))
+            self.fail_body(str(error))
             return
         if self.reader is None:
             self.run_query()
@@ -1113,6 +1107,12 @@ class Handler(BaseHTTPRequestHandler):
         log = self.handler_log()
         log.error('%s; client=%s', reason, self.client)
         self.fail_with(log, reason)
+
+    def fail_body(self, reason):
+        """Fail a request whose head was read but whose body cannot be: its
+        arrival is logged first, as query() would have."""
+        log_arrival(self)
+        self.fail(reason)
 
     def fail_with(self, log, reason):
         # What inbuf still holds belongs to the failed request.
@@ -1450,7 +1450,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 SETTINGS_HELP = """\
 environment (an argument wins over its variable):
-  PORT=N           TCP port, 0-65535; 0 picks a free one (default %(port)d)
+  PORT=N           TCP port, 0-%(max_port)d; 0 picks a free one (default %(port)d)
   HOST=H           address to bind, IPv4 or IPv6 (default %(host)s)
   LOG_FILE=PATH    append the log to PATH; reopened when moved away or on
                    SIGHUP (default: standard output)
@@ -1462,8 +1462,15 @@ environment (an argument wins over its variable):
 
 a text log line: KEY +OFFSETms LEVEL WHERE MESSAGE, where KEY is the request's
 arrival time; grep '^KEY ' prints that request's whole story.
-""" % {'port': DEFAULT_PORT, 'host': DEFAULT_HOST, 'max_body': MAX_BODY_BYTES,
-       'body': DEFAULT_LOG_BODY}
+""" % {'port': DEFAULT_PORT, 'max_port': MAX_PORT, 'host': DEFAULT_HOST,
+       'max_body': MAX_BODY_BYTES, 'body': DEFAULT_LOG_BODY}
+
+
+def number_up_to(text, maximum):
+    """True if text is a decimal number from 0 to maximum; its length is
+    checked before int() reads it."""
+    return (DIGITS.fullmatch(text) is not None
+            and len(text) <= len(str(maximum)) and int(text) <= maximum)
 
 
 def read_settings(argv, environ):
@@ -1473,16 +1480,16 @@ def read_settings(argv, environ):
         prog='kek', description='A request trap: answers every HTTP request'
         ' with 200 and logs its whole story under its arrival time.',
         epilog=SETTINGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--port', help='TCP port, 0-65535; 0 picks a free'
-                        ' one (default: $PORT or %d)' % DEFAULT_PORT)
+    parser.add_argument('--port', help='TCP port, 0-%d; 0 picks a free'
+                        ' one (default: $PORT or %d)' % (MAX_PORT, DEFAULT_PORT))
     parser.add_argument('--host', help='address to bind, IPv4 or IPv6'
                         ' (default: $HOST or %s)' % DEFAULT_HOST)
     args = parser.parse_args(argv)
     port_name, port = (('--port', args.port) if args.port is not None
                        else ('PORT', environ.get('PORT', str(DEFAULT_PORT))))
-    if not DIGITS.fullmatch(port) or len(port) > 5 or int(port) > 65535:
-        raise SettingError('%s=%r is not a port number (0-65535)'
-                           % (port_name, port))
+    if not number_up_to(port, MAX_PORT):
+        raise SettingError('%s=%r is not a port number (0-%d)'
+                           % (port_name, port, MAX_PORT))
     host_name, host = (('--host', args.host) if args.host is not None
                        else ('HOST', environ.get('HOST', DEFAULT_HOST)))
     if not host:
@@ -1501,8 +1508,7 @@ def read_settings(argv, environ):
         raise SettingError('LOG_HEADERS=%r is not one of %s'
                            % (log_headers, ', '.join(LOG_HEADERS_VALUES)))
     log_body = environ.get('LOG_BODY', str(DEFAULT_LOG_BODY))
-    if (not DIGITS.fullmatch(log_body) or len(log_body) > 7
-            or int(log_body) > MAX_BODY_BYTES):
+    if not number_up_to(log_body, MAX_BODY_BYTES):
         raise SettingError('LOG_BODY=%r is not a number of bytes (0-%d)'
                            % (log_body, MAX_BODY_BYTES))
     return {'host': host, 'host_name': host_name, 'port': int(port),
