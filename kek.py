@@ -7,12 +7,17 @@ arrival time, so that one grep pulls it out:
     PORT=8001 python kek.py
     grep '^2026-11-26T17:42:17.123401Z ' kek.log
 
-One thread runs a selectors loop over every connection.  The loop feeds the
-stock BaseHTTPRequestHandler.handle_one_request() one complete request head at
-a time from memory, so a client that sends slowly, or not at all, costs a
-little memory and no thread.  The log records of one loop round are written
-with one write() before any answer of that round is sent: a client that got
-its answer can find its whole chain in the log.
+One thread runs a selectors loop over every connection.  A connection is a
+BaseHTTPRequestHandler fed from memory: the stock handle_one_request() gets
+one complete request head at a time and calls parse_request(), then do_GET
+(or the fallback that serves every other method), so a client that sends
+slowly, or not at all, costs a little memory and no thread.  Everything
+about one request lives in a Request, which query() and the chain get.  The
+log records of one loop round are written before any answer of that round
+is sent: a client that got its answer can find its whole chain in the log.
+
+The file reads top-down: settings, keys, logging, what is never logged,
+parsing and framing, the connection, the call chain, the server, main.
 """
 
 import argparse
@@ -42,6 +47,8 @@ LOG_FORMATS = ('text', 'json')
 LOG_HEADERS_VALUES = ('on', 'off')
 DEFAULT_LOG_BODY = 1024         # bytes of each body shown on its body record
 
+# At most 65536: the stock handle_one_request() answers a longer request
+# line itself, with a 414.
 MAX_HEAD_BYTES = 64 * 1024      # request line and header lines together
 MAX_HEADERS = 100
 MAX_METHOD_CHARS = 32           # longer "methods" are taken for junk at once
@@ -88,14 +95,16 @@ class Keys:
 
     def next(self):
         with self.lock:
-            us = max(self.clock() // 1000, self.last_us + 1)
+            us = self.clock() // 1000
+            if us <= self.last_us:
+                us = self.last_us + 1
             self.last_us = us
             second, micro = divmod(us, 1000000)
             if second != self.second:
                 self.second = second
                 self.prefix = time.strftime('%Y-%m-%dT%H:%M:%S',
                                             time.gmtime(second))
-            return '%s.%06dZ' % (self.prefix, micro)
+            return f'{self.prefix}.{micro:06d}Z'
 
 
 KEYS = Keys()
@@ -105,19 +114,24 @@ KEYS = Keys()
 
 LOGGER = logging.getLogger('kek')
 
+
 def not_json(value):
     raise TypeError('%r is not JSON' % (value,))
 
 
 # json.dumps(ensure_ascii=False), which keeps Cyrillic readable, with its C
 # encoder made once: JSONEncoder.encode() makes a new one on every call,
-# which cost a twentieth of a request (two to seven calls each).
+# which cost a twentieth of a request (two to seven calls each).  The
+# arguments are JSONEncoder.iterencode()'s: markers (None: no check for
+# cycles, kek's values have none), default, the string encoder, indent,
+# key separator, item separator, sort_keys, skipkeys, allow_nan.
 JSON_CHUNKS = json.encoder.c_make_encoder(
     None, not_json, json.encoder.encode_basestring, None, ': ', ', ',
     False, False, True)
 
 
-def readable_json(value):
+def to_json(value):
+    """json.dumps(value, ensure_ascii=False), made faster."""
     return ''.join(JSON_CHUNKS(value, 0))
 
 
@@ -126,7 +140,7 @@ def readable_json(value):
 INVISIBLE = re.compile('[\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0]')
 
 
-def readable(text):
+def shows_as_itself(text):
     """True if every character of text shows as itself on a line."""
     return text.isprintable() and (text.isascii()
                                    or INVISIBLE.search(text) is None)
@@ -140,9 +154,11 @@ def escape(text):
     that were not UTF-8 (held as surrogates) and the backslash itself become
     backslash escapes.
     """
-    if readable(text) and '\\' not in text:
+    if text.isascii() and text.isprintable() and '\\' not in text:
+        return text         # the common case, checked first
+    if shows_as_itself(text) and '\\' not in text:
         return text
-    return ''.join(c if readable(c) and c != '\\'
+    return ''.join(c if shows_as_itself(c) and c != '\\'
                    else c.encode('unicode_escape').decode('ascii')
                    for c in text)
 
@@ -159,19 +175,23 @@ def json_text(value):
     """value as JSON that json.loads() reads back and that is safe on a log
     line: what JSON leaves raw but would not show as itself (bidi overrides,
     U+2028, DEL, invisible characters, surrogates) becomes a \\u escape."""
-    text = readable_json(value)
-    if readable(text):
+    text = to_json(value)
+    if shows_as_itself(text):
         return text
-    return ''.join(c if readable(c) else json_escape(c) for c in text)
+    return ''.join(c if shows_as_itself(c) else json_escape(c) for c in text)
 
 
-# What no kek line shows: the same for every record instead of looked up for
-# each one.  Stock formatters read records' __dict__, so these go there too.
+# The attributes of a LogRecord that no kek line shows: the same for every
+# record instead of looked up for each one (the caller, the thread, the
+# process).  A handler of one's own may have a stock Formatter that reads
+# them from the record's __dict__ ('%(lineno)d'): Record.complete() puts
+# them there for it.
 RECORD_CONSTANTS = {
     'name': LOGGER.name, 'pathname': '(unknown file)', 'filename': '(unknown file)',
     'module': '(unknown module)', 'lineno': 0, 'funcName': None,
     'stack_info': None, 'exc_text': None, 'thread': None, 'threadName': None,
-    'process': None, 'processName': None, 'msecs': 0.0, 'relativeCreated': 0.0}
+    'process': None, 'processName': None, 'taskName': None, 'msecs': 0.0,
+    'relativeCreated': 0.0}
 
 
 LEVEL_NAMES = {level: logging.getLevelName(level)
@@ -180,12 +200,15 @@ LEVEL_NAMES = {level: logging.getLevelName(level)
 
 
 class Record(logging.LogRecord):
-    """A LogRecord made lean: RECORD_CONSTANTS instead of the caller, thread
-    and process lookups, which were the largest single cost of a request."""
+    """A LogRecord made lean: only what kek's formatters read.  The stock
+    LogRecord's caller, thread and process lookups were the largest single
+    cost of a request."""
 
-    def __init__(self, level, msg, args, exc_info, fields, offset_ms, extra):
-        self.__dict__.update(RECORD_CONSTANTS)
-        self.__dict__.update(fields)
+    fields = None       # an arrival, body or refusal record's fields
+    text_line = None    # the function that writes them on a text line
+
+    def __init__(self, level, msg, args, exc_info, context, offset_ms, extra):
+        self.__dict__.update(context)       # key, where, request
         if extra:
             self.__dict__.update(extra)
         self.offset_ms = offset_ms
@@ -194,38 +217,65 @@ class Record(logging.LogRecord):
         self.msg = msg
         self.args = args
         self.exc_info = exc_info
+
+    def complete(self):
+        """Add what a stock LogRecord has, for a handler of one's own."""
+        self.__dict__.update(RECORD_CONSTANTS)
         self.created = time.time()
 
 
 class RequestLog(logging.LoggerAdapter):
     """Logs for one request: each record carries the request's key, the place
-    in the call chain that wrote it and the milliseconds since arrival."""
+    in the call chain that wrote it and the milliseconds since arrival.
+
+    info(), error() and exception() make a lean Record and hand it to the
+    logger's handlers themselves: the stock path through LoggerAdapter.log(),
+    Logger.log() and Logger.handle() (its filters and hierarchy walk; kek's
+    logger does not propagate) was a third of a request."""
 
     def __init__(self, key, started, where, request=True):
-        super().__init__(LOGGER, {'key': key, 'started': started,
-                                  'where': where,
-                                  'request': key if request else None})
+        # What LoggerAdapter.__init__() sets, without the call.
+        self.logger = LOGGER
+        self.extra = {'key': key, 'started': started, 'where': where,
+                      'request': key if request else None}
 
     def log(self, level, msg, *args, exc_info=None, extra=None):
-        """info(), error(), exception() ... end here: make a lean Record and
-        hand it to the logger's handlers.  exception() passes exc_info=True."""
-        if self.logger.isEnabledFor(level):
-            offset_ms = (time.monotonic() - self.extra['started']) * 1000
-            record = Record(level, msg, args, exc_info and sys.exc_info(),
-                            self.extra, offset_ms, extra)
-            # Logger.handle() without its filter and hierarchy walk: kek's
-            # logger does not propagate, and this is a tenth of a request.
-            for handler in self.logger.handlers:
-                if level >= handler.level:
-                    handler.handle(record)
+        self.emit(level, msg, args, exc_info, extra)
+
+    def info(self, msg, *args, extra=None):
+        self.emit(logging.INFO, msg, args, None, extra)
+
+    def error(self, msg, *args, exc_info=None, extra=None):
+        self.emit(logging.ERROR, msg, args, exc_info, extra)
+
+    def exception(self, msg, *args, exc_info=True, extra=None):
+        self.emit(logging.ERROR, msg, args, exc_info, extra)
+
+    def emit(self, level, msg, args, exc_info, extra):
+        if not self.logger.isEnabledFor(level):
+            return
+        offset_ms = (time.monotonic() - self.extra['started']) * 1000
+        record = Record(level, msg, args, exc_info and sys.exc_info(),
+                        self.extra, offset_ms, extra)
+        for handler in self.logger.handlers:
+            if level >= handler.level:
+                if not isinstance(handler, LogWriter):
+                    record.complete()
+                handler.handle(record)
 
     def at(self, where):
         """The same request's log, written from another place."""
-        return RequestLog(self.extra['key'], self.extra['started'], where)
+        log = RequestLog.__new__(RequestLog)
+        log.logger = LOGGER
+        log.extra = dict(self.extra, where=where)
+        return log
 
     def child(self, name):
         """The log of a step called from here: WHERE becomes 'here>name'."""
-        return self.at(self.extra['where'] + '>' + name)
+        log = RequestLog.__new__(RequestLog)
+        log.logger = LOGGER
+        log.extra = dict(self.extra, where=self.extra['where'] + '>' + name)
+        return log
 
 
 def server_log():
@@ -238,23 +288,20 @@ def server_log():
 
 
 class TextFormatter(logging.Formatter):
-    """KEY +OFFSETms LEVEL WHERE MESSAGE, on one line."""
+    """KEY +OFFSETms LEVEL WHERE MESSAGE, on one line: the message, with
+    the traceback if any, escaped into it.  A record with fields (arrival,
+    body, refusal) has a function that writes them on a text line, each
+    value escaped in the grammar of its place."""
 
     def format(self, record):
-        return '%s +%.3fms %-5s %s %s' % (record.key, record.offset_ms,
-                                           record.levelname, record.where,
-                                           self.message(record))
-
-    def message(self, record):
-        """The message, with the traceback if any, escaped into one line.
-        A record with fields (arrival, body) has a function that writes them
-        on a text line, each value escaped in the grammar of its place."""
         if record.exc_info:
-            return escape(self.with_traceback(record))
-        text_line = getattr(record, 'text_line', None)
-        if text_line:
-            return text_line(record.fields)
-        return escape(record.getMessage())
+            message = escape(self.with_traceback(record))
+        elif record.text_line:
+            message = record.text_line(record)
+        else:
+            message = escape(record.getMessage())
+        return (f'{record.key} +{record.offset_ms:.3f}ms {record.levelname:<5}'
+                f' {record.where} {message}')
 
     def with_traceback(self, record):
         """The message and its traceback, as they are: each format escapes."""
@@ -263,10 +310,10 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(TextFormatter):
     """One JSON object a line: request, offset_ms, level, where, message, and
-    the fields of arrival and body records (method, url, params, client,
-    headers, sha256, ...).  Client text is escaped once, by JSON; the
-    message of a record with fields is only a brief of them ("GET /api?x=1",
-    "body 32 bytes").
+    the fields of arrival, body and refusal records (method, url, params,
+    client, headers, sha256, ...).  Client text is escaped once, by JSON;
+    the message of a record with fields is only a brief of them ("GET
+    /api?x=1", "body 32 bytes").
 
     The key, level and WHERE are kek's own ASCII, so the line is put together
     around them and only the message and the fields go through the encoder.
@@ -283,9 +330,8 @@ class JsonFormatter(TextFormatter):
                     record.offset_ms, record.levelname, record.where, message))
         if record.request is None:      # a server record: its key is a time
             line += ', "time": "%s"' % record.key
-        fields = getattr(record, 'fields', None)
-        if fields:      # the fields' own object, its '{' dropped, ends the line
-            return line + ', ' + json_text(fields)[1:]
+        if record.fields:   # the fields' own object, its '{' dropped, ends it
+            return line + ', ' + json_text(record.fields)[1:]
         return line + '}'
 
 
@@ -309,19 +355,19 @@ class LogWriter(logging.Handler):
     def open(self):
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def handle(self, record):
-        """The stock handle() without its filter and lock method calls, which
-        cost as much as the formatting: emit() takes the lock itself."""
-        self.emit(record)
-
     def emit(self, record):
-        line = self.formatter.format(record)
-        with self.lock:
-            self.lines.append(line)
+        """Keep the record's line for flush().  A list's append() needs no
+        lock: a line another thread adds while flush() swaps the list lands
+        in the old one, which is then written, or in the new one."""
+        self.lines.append(self.formatter.format(record))
+
+    # The stock handle() without its filters and lock, which cost as much as
+    # the formatting.
+    handle = emit
 
     def flush(self):
-        with self.lock:
-            lines, self.lines = self.lines, []
+        lines = self.lines
+        self.lines = []
         if self.path is not None and (lines or self.reopen_requested):
             self.reopen_if_moved()
         if not lines:
@@ -392,22 +438,15 @@ def report(message):
         pass
 
 
-# -- The handler ---------------------------------------------------------------
+# -- What is never logged ------------------------------------------------------
 
 TCHAR = r"!#$%&'*+.^_`|~0-9A-Za-z-"   # RFC 9110 token characters
 TOKEN = re.compile(r"[%s]+" % TCHAR, re.ASCII)
-METHOD_START = re.compile(rb"[%s]{0,%d}(?: |\Z)"
-                          % (TCHAR.encode(), MAX_METHOD_CHARS))
-REQUEST_LINE = re.compile(r"([%s]{1,%d}) (\S+) HTTP/1\.([01])"
-                          % (TCHAR, MAX_METHOD_CHARS), re.ASCII)
-# Any control character but tab.  Searched for once the CRLF line ends are
-# gone, so it also finds a bare CR or LF.  One character class: no backtracking.
-CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-DIGITS = re.compile(r"[0-9]+")
-HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]+")
-CONTINUE = b'HTTP/1.1 100 Continue\r\n\r\n'
-# What json.dumps() gives for the ok body; formatting it costs a tenth.
-OK_BODY = '{"request": "%s", "status": "ok"}\n'
+
+# Header and form field names whose values are credentials: only their
+# length is logged.  Literal words, so the search cannot backtrack.
+SECRET_NAME = re.compile('token|secret|password|passwd|api-key|apikey|session'
+                         '|auth|credential')
 
 
 def shown(text):
@@ -422,12 +461,6 @@ def byte_count(text):
     """How many bytes the client sent for text (decoded with surrogateescape)."""
     return len(text) if text.isascii() else len(
         text.encode('utf-8', 'surrogateescape'))
-
-
-# Header and form field names whose values are credentials: only their
-# length is logged.  Literal words, so the search cannot backtrack.
-SECRET_NAME = re.compile('token|secret|password|passwd|api-key|apikey|session'
-                         '|auth|credential')
 
 
 def shown_header(name, value):
@@ -448,62 +481,154 @@ def shown_header(name, value):
     return shown(value)
 
 
-# What other protocols send first, to name them when they reach kek.
-PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
-HTTP2_PREFACE = b'PRI * HTTP/2.0'
-FOREIGN_FIRST_BYTES = b'\x16P\r'      # TLS, the HTTP/2 PRI or PROXY, PROXY v2
+# -- Parsing and framing -------------------------------------------------------
+
+METHOD_START = re.compile(rb"[%s]{0,%d}(?: |\Z)"
+                          % (TCHAR.encode(), MAX_METHOD_CHARS))
+REQUEST_LINE = re.compile(r"([%s]{1,%d}) (\S+) HTTP/1\.([01])"
+                          % (TCHAR, MAX_METHOD_CHARS), re.ASCII)
+# Any control character but tab.  Searched for once the CRLF line ends are
+# gone, so it also finds a bare CR or LF.  One character class: no backtracking.
+CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+DIGITS = re.compile(r"[0-9]+")
+HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]+")
+CONTINUE = b'HTTP/1.1 100 Continue\r\n\r\n'
 
 
-def foreign_protocol(data):
-    """What non-HTTP/1 traffic data starts with, or None."""
-    if data.startswith(b'\x16\x03'):
-        name = tls_server_name(data)
-        return 'a TLS handshake on a plain HTTP port, %s' % (
-            'server name %s' % shown(as_text(name)) if name
-            else 'no server name in its first bytes')
-    if data.startswith(HTTP2_PREFACE):
-        return 'the HTTP/2 connection preface (PRI * HTTP/2.0)'
-    if data.startswith(b'PROXY '):
-        return 'a PROXY protocol v1 header: %s' % shown(as_text(
-            data[:MAX_HEAD_BYTES].partition(b'\r\n')[0]))
-    if data.startswith(PROXY_V2_SIGNATURE):
-        return 'a PROXY protocol v2 header'
-    return None
+class Refused(Exception):
+    """A request kek answers with this error and then closes the connection:
+    its head does not parse, its body's framing is broken or too large, it
+    is not HTTP/1.x at all, or it came too slowly.  After it, where the next
+    request would start cannot be known."""
 
 
-def tls_server_name(data):
-    """The server name (SNI) a TLS ClientHello in data asks for, or None if
-    the bytes at hand do not hold one.  Each step moves forward, so this is
-    linear in the bytes read."""
-    def number(at, size):
-        if at + size > len(data):
-            raise IndexError(at)
-        return int.from_bytes(data[at:at + size], 'big')
-    try:
-        if number(5, 1) != 1:                   # not a ClientHello
+class Request:
+    """Everything about one request.  It is made at the request's first byte,
+    filled in as its head and body arrive, handed to query() and the chain,
+    and dropped once its answer is written.  What is not known yet is None:
+    the head's fields stay None until the whole head has parsed."""
+
+    method = None       # 'GET', 'POST', 'FOO' ...
+    target = None       # the request target exactly as sent: '/api?x=1'
+    path = None         # the path the chain checks: '/api'
+    params = None       # the query's parameters, {name: [value, ...]}
+    version = None      # 'HTTP/1.1' or 'HTTP/1.0'
+    headers = None      # {lower-case name: value}, repeated fields joined
+    header_list = None  # [(name as sent, value), ...], in order
+    keep_alive = False  # another request may follow on the connection
+    declared = None     # the body's length as declared, or 'chunked'
+    reader = None       # the reader of what is still to come: HeadReader,
+                        # then the one the body's framing asks for
+    body = None         # what the log shows of the body: a Body
+
+    def __init__(self, key, started, client):
+        self.key = key
+        self.started = started          # time.monotonic() at the first byte
+        self.client = client            # the peer, 'host:port'
+        self.log = RequestLog(key, started, 'query')
+        self.reader = HeadReader()
+
+
+def starts_request(inbuf):
+    """Drop the blank lines that may come before a request line (RFC 9112
+    2.2); True if inbuf then starts a request, False if it holds nothing
+    yet, or what may be the start of a PROXY v2 header, which begins like
+    two blank lines."""
+    if inbuf[0] != 13:          # not a CR: the common case
+        return True
+    if PROXY_V2_SIGNATURE.startswith(inbuf[:len(PROXY_V2_SIGNATURE)]):
+        return len(inbuf) >= len(PROXY_V2_SIGNATURE)
+    blank = 0
+    while inbuf.startswith(b'\r\n', blank):
+        blank += 2
+    del inbuf[:blank]
+    return bool(inbuf) and inbuf != b'\r'
+
+
+class HeadReader:
+    """Reads a request head: the request line and header lines up to the
+    blank line.  Only new bytes are searched, so a client trickling its head
+    byte by byte does not make every arrival rescan all of it."""
+
+    def __init__(self):
+        self.scanned = 0        # bytes of inbuf already searched
+
+    def read(self, inbuf):
+        """Take the head from inbuf once it is complete, each line with its
+        CRLF; None until then.  Raises Refused for what cannot be the start
+        of an HTTP/1.x request, or a head over MAX_HEAD_BYTES."""
+        if inbuf[0] in FOREIGN_FIRST_BYTES:
+            foreign = foreign_protocol(inbuf)
+            if foreign:
+                raise Refused('not an HTTP/1.x request: %s' % foreign)
+        new = self.scanned
+        end = inbuf.find(b'\r\n\r\n', max(0, new - 3))
+        self.scanned = len(inbuf)
+        size = len(inbuf) if end < 0 else end + 2
+        if size > MAX_HEAD_BYTES:
+            raise Refused('request head over %d bytes' % MAX_HEAD_BYTES)
+        # Every LF among the new bytes must end a CRLF; else the head could
+        # end, or a field start, where a front end sees none.
+        if (inbuf.count(b'\n', new, size)
+                != inbuf.count(b'\r\n', max(0, new - 1), size)):
+            raise Refused('bare LF (not CRLF) in the request head')
+        if end < 0:
+            if not METHOD_START.match(inbuf):
+                raise Refused('not an HTTP request: %s'
+                              % as_text(inbuf[:MAX_SHOWN_CHARS]))
             return None
-        at = 5 + 4 + 2 + 32     # record and handshake headers, version, random
-        at += 1 + number(at, 1)                 # session id
-        at += 2 + number(at, 2)                 # cipher suites
-        at += 1 + number(at, 1)                 # compression methods
-        end = at + 2 + number(at, 2)            # the extensions
-        at += 2
-        while at + 4 <= end:
-            kind, size = number(at, 2), number(at + 2, 2)
-            if kind == 0:   # server_name: list length, name type, name length
-                length = number(at + 7, 2)
-                name = bytes(data[at + 9:at + 9 + length])
-                return name if name and len(name) == length else None
-            at += 4 + size
-    except IndexError:
-        pass
-    return None
+        head = bytes(inbuf[:end + 2])
+        del inbuf[:end + 4]
+        return head
 
 
-def as_text(data):
-    """Client bytes as text for a message; bytes that are not UTF-8 are kept
-    as surrogates, which escape() shows as \\udcXX."""
-    return bytes(data).decode('utf-8', 'surrogateescape')
+def parse_head(request, head):
+    """Parse a complete head (request line and header lines, each ended by
+    CRLF) strictly, as RFC 9112 asks, into request; raises Refused.  Each
+    step is linear in the head's size: no pattern here can backtrack."""
+    problem = control_problem(head.replace(b'\r\n', b''))
+    if problem:
+        raise Refused('%s in the request head' % problem)
+    lines = head.decode('utf-8', 'surrogateescape').split('\r\n')[:-1]
+    match = REQUEST_LINE.fullmatch(lines[0])
+    if not match:
+        raise Refused("request line is not 'METHOD TARGET HTTP/1.x': %s"
+                      % shown(lines[0]))
+    method, target, minor = match.groups()
+    if '#' in target:
+        raise Refused('request target with a # fragment')
+    if len(lines) - 1 > MAX_HEADERS:
+        raise Refused('more than %d header lines' % MAX_HEADERS)
+    headers = {}
+    header_list = []
+    hosts = 0
+    for line in lines[1:]:
+        field = split_field(line)
+        if field is None:
+            raise Refused("header line is not 'Name: value': %s" % shown(line))
+        name, value = field
+        header_list.append((name, value))
+        name = name.lower()
+        if name in headers:
+            headers[name] += ', ' + value
+        else:
+            headers[name] = value
+        if name == 'host':
+            hosts += 1
+    if hosts > 1 or (hosts == 0 and minor == '1'):
+        raise Refused('%d Host headers in an HTTP/1.%s request' % (hosts, minor))
+    connection = ()
+    if 'connection' in headers:
+        connection = {token.strip(' \t') for token in
+                      headers['connection'].lower().split(',')}
+    path, _, query = target.partition('?')
+    request.method, request.target, request.version = (
+        method, target, 'HTTP/1.' + minor)
+    request.path = target_path(path)
+    request.params = parse_query(query)
+    request.headers, request.header_list = headers, header_list
+    request.keep_alive = ('keep-alive' in connection if minor == '0'
+                          else 'close' not in connection)
 
 
 def split_field(line):
@@ -556,10 +681,36 @@ def target_path(path):
     return path
 
 
-class BodyError(Exception):
-    """A body whose framing is broken or too large: the request is answered
-    with the error and the connection closed, since where the next request
-    would start cannot be known."""
+def body_reader(request):
+    """The reader for the request's body, or None if it has none.  Raises
+    Refused if the body's end cannot be known for sure, or is too far."""
+    coding = request.headers.get('transfer-encoding')
+    length = request.headers.get('content-length')
+    if coding is not None:
+        if request.version == 'HTTP/1.0':
+            raise Refused('Transfer-Encoding on an HTTP/1.0 request')
+        if length is not None:
+            raise Refused('Transfer-Encoding together with Content-Length')
+        if coding.lower() != 'chunked':
+            raise Refused('Transfer-Encoding %s is not supported, only'
+                          ' chunked' % shown(coding))
+        request.declared = 'chunked'
+        return ChunkedReader()
+    if length is None:
+        return None
+    # Equal repeated values are one length (RFC 9110 8.6); spaces and tabs
+    # around each are allowed, and nothing else.
+    values = {value.strip(' \t') for value in length.split(',')}
+    value = values.pop() if len(values) == 1 else ''
+    if not DIGITS.fullmatch(value):
+        raise Refused('Content-Length %s is not one length' % shown(length))
+    if len(value) > MAX_LENGTH_DIGITS:      # before int() reads them all
+        raise Refused('Content-Length of %d digits is over %d'
+                      % (len(value), MAX_LENGTH_DIGITS))
+    size = request.declared = int(value)
+    if size > MAX_BODY_BYTES:
+        raise Refused('body of %d bytes is over %d' % (size, MAX_BODY_BYTES))
+    return LengthReader(size) if size else None
 
 
 class Body:
@@ -622,7 +773,7 @@ class ChunkedReader:
 
     def read(self, inbuf, body):
         """Decode what inbuf holds into body; True once the body is complete.
-        Raises BodyError on the first byte that breaks the framing."""
+        Raises Refused on the first byte that breaks the framing."""
         while inbuf:
             if self.step is CHUNK_DATA:
                 data = inbuf[:self.left]
@@ -635,7 +786,7 @@ class ChunkedReader:
                 if inbuf == b'\r':
                     return False        # its LF is still on the way
                 if not inbuf.startswith(b'\r\n'):
-                    raise BodyError('chunk data not followed by CRLF')
+                    raise Refused('chunk data not followed by CRLF')
                 del inbuf[:2]
                 self.step = CHUNK_SIZE
             elif self.step is CHUNK_SIZE:
@@ -660,7 +811,7 @@ class ChunkedReader:
         end = inbuf.find(b'\n', self.scanned, limit + 2)
         if end < 0:
             if len(inbuf) > limit + 1:
-                raise BodyError('%s over %d bytes' % (what, limit))
+                raise Refused('%s over %d bytes' % (what, limit))
             self.scanned = len(inbuf)
             return None
         self.scanned = 0
@@ -669,7 +820,7 @@ class ChunkedReader:
         problem = (control_problem(line[:-2]) if line.endswith(b'\r\n')
                    else 'bare LF (not CRLF)')
         if problem:
-            raise BodyError('%s in a %s' % (problem, what))
+            raise Refused('%s in a %s' % (problem, what))
         return line[:-2]
 
     def start_chunk(self, line, body):
@@ -678,29 +829,120 @@ class ChunkedReader:
             size = size.rstrip(b' \t')      # BWS before the ';'
         if (len(size) > MAX_CHUNK_SIZE_DIGITS
                 or not HEX_DIGITS.fullmatch(size)):
-            raise BodyError('chunk size %s is not 1 to %d hex digits' % (
+            raise Refused('chunk size %s is not 1 to %d hex digits' % (
                 shown(size.decode('latin-1')), MAX_CHUNK_SIZE_DIGITS))
         self.left = int(size, 16)
         if body.size + self.left > MAX_BODY_BYTES:
-            raise BodyError('chunked body over %d bytes' % MAX_BODY_BYTES)
+            raise Refused('chunked body over %d bytes' % MAX_BODY_BYTES)
         self.step = CHUNK_DATA if self.left else TRAILER
 
     def check_trailer(self, line):
         self.trailer_bytes += len(line) + 2
         self.trailer_lines += 1
         if self.trailer_lines > MAX_HEADERS:
-            raise BodyError('more than %d trailer lines' % MAX_HEADERS)
+            raise Refused('more than %d trailer lines' % MAX_HEADERS)
         if split_field(line.decode('latin-1')) is None:
-            raise BodyError("trailer line is not 'Name: value': %s"
-                            % shown(line.decode('latin-1')))
+            raise Refused("trailer line is not 'Name: value': %s"
+                          % shown(line.decode('latin-1')))
 
     def missing(self):
         return 'chunked body not complete (%s)' % self.step
 
 
+# What other protocols send first, to name them when they reach kek.
+PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
+HTTP2_PREFACE = b'PRI * HTTP/2.0'
+FOREIGN_FIRST_BYTES = b'\x16P\r'      # TLS, the HTTP/2 PRI or PROXY, PROXY v2
+
+
+def foreign_protocol(data):
+    """What non-HTTP/1 traffic data starts with, or None."""
+    if data.startswith(b'\x16\x03'):
+        name = tls_server_name(data)
+        return 'a TLS handshake on a plain HTTP port, %s' % (
+            'server name %s' % shown(as_text(name)) if name
+            else 'no server name in its first bytes')
+    if data.startswith(HTTP2_PREFACE):
+        return 'the HTTP/2 connection preface (PRI * HTTP/2.0)'
+    if data.startswith(b'PROXY '):
+        return 'a PROXY protocol v1 header: %s' % shown(as_text(
+            data[:MAX_HEAD_BYTES].partition(b'\r\n')[0]))
+    if data.startswith(PROXY_V2_SIGNATURE):
+        return 'a PROXY protocol v2 header'
+    return None
+
+
+def tls_server_name(data):
+    """The server name (SNI) a TLS ClientHello in data asks for, or None if
+    the bytes at hand do not hold one.  Each step moves forward, so this is
+    linear in the bytes read."""
+    def number(at, size):
+        if at + size > len(data):
+            raise IndexError(at)
+        return int.from_bytes(data[at:at + size], 'big')
+    try:
+        if number(5, 1) != 1:                   # not a ClientHello
+            return None
+        at = 5 + 4 + 2 + 32     # record and handshake headers, version, random
+        at += 1 + number(at, 1)                 # session id
+        at += 2 + number(at, 2)                 # cipher suites
+        at += 1 + number(at, 1)                 # compression methods
+        end = at + 2 + number(at, 2)            # the extensions
+        at += 2
+        while at + 4 <= end:
+            kind, size = number(at, 2), number(at + 2, 2)
+            if kind == 0:   # server_name: list length, name type, name length
+                length = number(at + 7, 2)
+                name = bytes(data[at + 9:at + 9 + length])
+                return name if name and len(name) == length else None
+            at += 4 + size
+    except IndexError:
+        pass
+    return None
+
+
+def as_text(data):
+    """Client bytes as text for a message; bytes that are not UTF-8 are kept
+    as surrogates, which escape() shows as \\udcXX."""
+    return bytes(data).decode('utf-8', 'surrogateescape')
+
+
+# -- The connection ------------------------------------------------------------
+
+# A connection's states.  A connection moves only as MOVES allows (h11's
+# _state.py keeps its table the same way), so a mistake in the order of
+# things raises instead of leaving a connection half done.
+IDLE = 'idle'           # between requests: waiting for a request's first byte
+HEAD = 'head'           # a request has begun: waiting for its blank line
+BODY = 'body'           # reading the request's body through its reader
+CLOSING = 'closing'     # the last answer is written and nothing more is
+                        # expected: send it, then close
+DRAINING = 'draining'   # the last answer is written, but the client may still
+                        # be sending: drop what arrives, send the answer,
+                        # half-close, then linger
+FINISHING = 'finishing'  # the client has half-closed: send what waits, close
+LINGER = 'linger'       # half-closed: dropping what still arrives until
+                        # LINGER_TIMEOUT (closing at once could reset the
+                        # connection and destroy the answer)
+CLOSED = 'closed'
+
+MOVES = {
+    IDLE: {HEAD, FINISHING, CLOSED},
+    HEAD: {BODY, IDLE, CLOSING, DRAINING, CLOSED},
+    BODY: {IDLE, CLOSING, DRAINING, CLOSED},
+    CLOSING: {DRAINING, FINISHING, CLOSED},
+    DRAINING: {FINISHING, LINGER, CLOSED},
+    FINISHING: {CLOSED},
+    LINGER: {CLOSED},
+    CLOSED: set(),
+}
+SERVING = (IDLE, HEAD, BODY)            # states that read requests
+DROPPING = (CLOSING, DRAINING, LINGER)  # states that drop what arrives
+
+
 class OutputBuffer(bytearray):
-    """The handler's wfile: what it writes waits here until the loop sends it,
-    after the round's log records are written."""
+    """The connection's wfile: what it writes waits here until the loop
+    sends it, after the round's log records are written."""
 
     def write(self, data):
         self.extend(data)
@@ -709,258 +951,171 @@ class OutputBuffer(bytearray):
         pass
 
 
-# A connection's states.
-IDLE = 'idle'           # between requests: waiting for a request's first byte
-HEAD = 'head'           # a request has begun: waiting for its blank line
-BODY = 'body'           # reading the request's body through self.reader
-CLOSING = 'closing'     # the last answer is written: sending it, dropping input
-LINGER = 'linger'       # the last answer is sent and we half-closed: dropping
-                        # what still arrives until LINGER_TIMEOUT
-CLOSED = 'closed'
+class Connection(BaseHTTPRequestHandler):
+    """One client connection, driven by the loop: receive() takes what
+    arrives, serve() runs the requests it completes, send_output() sends
+    their answers.  Each complete head goes through the stock
+    handle_one_request(), which calls parse_request(), then do_GET or the
+    fallback for every other method; a body then goes to the reader its
+    framing asks for.
 
-
-class Handler(BaseHTTPRequestHandler):
-    """One client connection.  The loop hands it bytes as they arrive; each
-    complete request head goes through the stock handle_one_request(), which
-    calls parse_request() below and then do_GET (or the fallback).  A body
-    is then fed to the reader its framing asks for."""
-
-    server_version = 'kek'
-    sys_version = ''            # the Server header names no Python version
-    protocol_version = 'HTTP/1.1'
+    self.connection is the socket, as in StreamRequestHandler; self.request
+    is the request under way, a Request: what query(request) gets.
+    """
 
     def __init__(self, sock, client_address, server):
         # The stock __init__ would block in handle() until the client leaves.
-        self.request = sock
+        self.connection = sock
         self.client_address = client_address
         self.server = server
         host, port = client_address[:2]
         self.client = ('[%s]:%d' if ':' in host else '%s:%d') % (host, port)
         self.state = IDLE
+        self.request = None       # the request under way
+        self.log = None           # the latest request's: news of the
+                                  # connection is told there
         self.inbuf = bytearray()
         self.wfile = OutputBuffer()
-        self.scanned = 0          # bytes of inbuf already searched for a head
-        self.key = None           # the current request's, from its first byte
-        self.started = 0.0
-        self.log = None           # the current, or last, request's log
-        self.reader = None        # the current request's body reader
-        self.body = None
-        self.close_connection = False   # the current request is the last
-        self.linger = False       # after the last answer, the client may still send
-        self.linger_until = 0.0
         self.dropped = 0          # bytes that arrived after the last request
         self.dropped_start = b''  # the start of the first of them, to show
-        self.eof = False          # the client sent all it will send
-        self.events = selectors.EVENT_READ
-        self.active_at = time.monotonic()
+        self.active_at = time.monotonic()   # the last progress either way
+        self.linger_until = 0.0
+        self.events = selectors.EVENT_READ  # what the loop watches it for
+
+    @property
+    def command(self):
+        """The request's method: the stock handle_one_request() dispatches
+        on it."""
+        return self.request.method
 
     def __getattr__(self, name):
-        """Serve every method other than GET (POST, HEAD, FOO, ...) the same
-        way: query() reports the method as an error."""
+        """Every other method (POST, HEAD, FOO ...) is served by do_GET."""
         if name.startswith('do_'):
             return self.do_GET
         raise AttributeError(name)
 
-    # The loop calls these.
+    def move(self, state):
+        """The one place the state changes, checked against MOVES."""
+        if state not in MOVES[self.state]:
+            raise RuntimeError('a connection cannot go from %s to %s'
+                               % (self.state, state))
+        self.state = state
 
-    def on_readable(self):
+    # What the loop calls.
+
+    def receive(self):
+        """Take what the client sent; True if it left bytes to serve."""
         try:
-            data = self.request.recv(RECV_BYTES)
+            data = self.connection.recv(RECV_BYTES)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b''          # reset by the client: it is gone
         if not data:
-            self.on_eof()
-            return
-        if self.state is CLOSING or self.state is LINGER:
+            self.end_of_input()
+            return False
+        if self.state in DROPPING:
+            if self.state is CLOSING:
+                self.move(DRAINING)     # it is still sending: linger after
             self.drop(data)     # not progress: only sending the answer is
-            return
+            return False
         # Between requests only a request's first byte is progress (begin()
         # counts it), not blank lines: else two bytes every few seconds
         # would hold a connection open for ever.
         if self.state is not IDLE:
             self.active_at = time.monotonic()
         self.inbuf += data
-        self.handle()
-
-    def on_eof(self):
-        self.eof = True
-        if self.state is HEAD or self.state is BODY:
-            self.abandon('the client closed the connection')
-        elif self.wfile:
-            # Half-closed by the client: send what it asked for, then close.
-            self.state = CLOSING
-            self.server.send_later(self)
-        else:
-            self.close()
-
-    def handle(self):
-        """Handle every request that is complete in inbuf, in order."""
-        while (self.inbuf and len(self.wfile) < MAX_PENDING_OUTPUT
-               and self.state in (IDLE, HEAD, BODY)):
-            if self.state is IDLE and not self.begin():
-                return
-            if self.state is BODY:
-                if not self.read_body():
-                    return
-            elif not self.take_head():
-                return
-
-    def begin(self):
-        """Start a request at inbuf's first byte; False if inbuf holds only
-        blank lines, which may come before a request line (RFC 9112 2.2), or
-        the start of what may be a PROXY v2 header, which begins like two."""
-        if PROXY_V2_SIGNATURE.startswith(self.inbuf[:len(PROXY_V2_SIGNATURE)]):
-            if len(self.inbuf) < len(PROXY_V2_SIGNATURE):
-                return False
-        else:
-            blank = 0
-            while self.inbuf.startswith(b'\r\n', blank):
-                blank += 2
-            del self.inbuf[:blank]
-            if not self.inbuf or self.inbuf == b'\r':
-                return False
-        self.state = HEAD
-        self.key = KEYS.next()
-        self.started = self.active_at = time.monotonic()
-        self.command = self.request_version = ''
         return True
 
-    def take_head(self):
-        """Run the request whose head is complete in inbuf; False if none is."""
-        if self.inbuf[0] in FOREIGN_FIRST_BYTES:
-            foreign = foreign_protocol(self.inbuf)
-            if foreign:
-                self.fail('not an HTTP/1.x request: %s' % foreign)
-                return False
-        # Search only the new bytes: a client trickling its head byte by byte
-        # must not make every arrival rescan all of it.
-        new = self.scanned
-        end = self.inbuf.find(b'\r\n\r\n', max(0, new - 3))
-        self.scanned = len(self.inbuf)
-        size = len(self.inbuf) if end < 0 else end + 2
-        if size > MAX_HEAD_BYTES:
-            self.fail('request head over %d bytes' % MAX_HEAD_BYTES)
-            return False
-        # Every LF among the new bytes must end a CRLF; else the head could
-        # end, or a field start, where a front end sees none.
-        if (self.inbuf.count(b'\n', new, size)
-                != self.inbuf.count(b'\r\n', max(0, new - 1), size)):
-            return self.send_error(400, 'bare LF (not CRLF) in the request head')
-        if end < 0:
-            if not METHOD_START.match(self.inbuf):
-                self.fail('not an HTTP request: %s' % as_text(
-                    self.inbuf[:MAX_SHOWN_CHARS]))
-            return False
-        self.rfile = io.BytesIO(self.inbuf[:end + 2])
-        del self.inbuf[:end + 4]
-        self.scanned = 0
-        self.handle_one_request()
-        return True
-
-    def read_body(self):
-        """Feed inbuf to the body reader; False if it needs more bytes."""
+    def serve(self):
+        """Serve every request that is complete in inbuf, in order, while
+        there is room for their answers."""
         try:
-            if not self.reader.read(self.inbuf, self.body):
-                return False
-        except BodyError as error:
-            self.fail_body(str(error))
-            return True
-        self.run_query()
-        return True
+            while (self.inbuf and len(self.wfile) < MAX_PENDING_OUTPUT
+                   and self.state in SERVING):
+                if self.state is IDLE and not self.begin():
+                    return
+                if self.state is BODY:
+                    if not self.read_body():
+                        return
+                elif not self.take_head():
+                    return
+        except Refused as refusal:
+            self.refuse(str(refusal))
 
     def send_output(self):
-        """Send what the socket takes now; half-close once a closing answer
-        is out; watch for writability only while output waits."""
+        """Send what the socket takes; once the last answer is out, close or
+        half-close.  True if requests that waited for room can be served."""
         was_full = len(self.wfile) >= MAX_PENDING_OUTPUT
         if self.wfile:
             try:
-                sent = self.request.send(self.wfile)
+                sent = self.connection.send(self.wfile)
             except BlockingIOError:
                 sent = 0
             except OSError as error:
                 self.log.at('handler').error(
                     'client gone before its answer was sent: %s', error)
                 self.close()
-                return
+                return False
             if sent:
                 del self.wfile[:sent]
                 self.active_at = time.monotonic()
-        if not self.wfile and self.state is CLOSING:
-            if self.eof or not (self.linger or self.dropped):
+        if not self.wfile:
+            if self.state is CLOSING or self.state is FINISHING:
                 self.close()        # nothing more is coming: a plain FIN
-                return
-            # Half-close and drop what still arrives for a while: closing at
-            # once could reset the connection and destroy the answer.
-            try:
-                self.request.shutdown(socket.SHUT_WR)
-            except OSError:         # reset by the client meanwhile
-                self.close()
-                return
-            self.state = LINGER
-            self.linger_until = time.monotonic() + LINGER_TIMEOUT
-        if was_full and len(self.wfile) < MAX_PENDING_OUTPUT:
-            self.handle()       # requests that waited for a slow reader
+            elif self.state is DRAINING:
+                self.half_close()
+        return (was_full and len(self.wfile) < MAX_PENDING_OUTPUT
+                and self.state in SERVING and bool(self.inbuf))
+
+    def wants(self):
+        """What to watch for: room to send while output waits, bytes while
+        the client may send and its answers do not pile up."""
         events = selectors.EVENT_WRITE if self.wfile else 0
-        if len(self.wfile) < MAX_PENDING_OUTPUT and not self.eof:
+        if self.state is not FINISHING and len(self.wfile) < MAX_PENDING_OUTPUT:
             events |= selectors.EVENT_READ
-        if events != self.events:
-            self.events = events
-            self.server.selector.modify(self.request, events, self)
+        return events
 
     def expired(self, now):
         if self.state is LINGER:
             return now >= self.linger_until
-        if self.state is HEAD and now >= self.started + HEAD_TIMEOUT:
+        if self.state is HEAD and now >= self.request.started + HEAD_TIMEOUT:
             return True
         return now >= self.active_at + IDLE_TIMEOUT
 
     def expire(self):
-        """The connection missed its deadline: say why, if a request was
-        under way, and close."""
-        if self.state is LINGER:
-            self.close()
-        elif self.wfile:
+        """The connection missed its deadline: say why, if a request or an
+        answer was under way, and close."""
+        if self.wfile:
             self.log.at('handler').error('client did not read its answer for'
-                                         ' %g s; connection closed',
-                                         IDLE_TIMEOUT)
+                                         ' %g s; connection closed', IDLE_TIMEOUT)
             self.close()
         elif self.state is BODY:
-            self.fail_body('request body stalled: no byte for %g s, %s'
-                           % (IDLE_TIMEOUT, self.reader.missing()))
+            self.refuse('request body stalled: no byte for %g s, %s'
+                        % (IDLE_TIMEOUT, self.request.reader.missing()))
         elif self.state is HEAD:
-            self.fail('request head not complete within %g s (%d bytes'
-                      ' received)' % (HEAD_TIMEOUT, len(self.inbuf)))
+            self.refuse('request head not complete within %g s (%d bytes'
+                        ' received)' % (HEAD_TIMEOUT, len(self.inbuf)))
         else:
             self.close()
 
     def idle(self):
         """True when closing the connection loses nothing: no request under
-        way and no answer waiting to be sent."""
-        return self.state in (IDLE, LINGER) and not self.wfile
+        way, none waiting in inbuf, and no answer waiting to be sent."""
+        return (self.state is IDLE or self.state is LINGER) and not (
+            self.wfile or self.inbuf)
 
     def abandon(self, reason):
         """Close in the middle of a request that cannot be answered."""
+        request = self.request
+        log = request.log.at('handler')
         if self.state is BODY:
-            log_arrival(self)
-            self.handler_log().error('%s; %s', reason, self.reader.missing())
+            log_arrival(request)
+            log.error('%s; %s', reason, request.reader.missing())
         else:
-            self.handler_log().error(
-                '%s before the request head was complete (%d bytes received)',
-                reason, len(self.inbuf))
+            log.error('%s before the request head was complete (%d bytes'
+                      ' received)', reason, len(self.inbuf))
         self.close()
-
-    def drop(self, data):
-        """Count, and keep the start of, bytes that arrive after the last
-        request: they are never read as a request."""
-        if not self.dropped:
-            self.dropped_start = bytes(data[:MAX_SHOWN_CHARS])
-        self.dropped += len(data)
-
-    def handler_log(self):
-        """The log for what the handler itself says about the request."""
-        return RequestLog(self.key, self.started, 'handler')
 
     def close(self):
         if self.state is CLOSED:
@@ -969,193 +1124,158 @@ class Handler(BaseHTTPRequestHandler):
             self.log.at('handler').error(
                 '%d bytes after the last request dropped unread: %s',
                 self.dropped, as_text(self.dropped_start))
-        self.state = CLOSED
+        self.move(CLOSED)
         self.server.forget(self)
-        self.request.close()
+        self.connection.close()
 
-    # The stock handle_one_request() calls these.
+    # A request, from its first byte to its answer.
 
-    def parse_request(self):
-        """Parse the head strictly, as RFC 9112 asks; False once the error is
-        answered.  Sets command, path (the target exactly as sent),
-        request_version, close_connection and headers (a dict of lower-case
-        names; repeated fields joined with ', ').  Each step is linear in the
-        head's size: no pattern here can backtrack."""
-        head = self.raw_requestline + self.rfile.read()
-        problem = control_problem(head.replace(b'\r\n', b''))
-        if problem:
-            return self.send_error(400, '%s in the request head' % problem)
-        lines = head.decode('utf-8', 'surrogateescape').split('\r\n')[:-1]
-        match = REQUEST_LINE.fullmatch(lines[0])
-        if not match:
-            return self.send_error(400, "request line is not 'METHOD TARGET"
-                                   " HTTP/1.x': %s" % shown(lines[0]))
-        self.command, self.path, minor = match.groups()
-        self.request_version = 'HTTP/1.' + minor
-        if '#' in self.path:
-            return self.send_error(400, 'request target with a # fragment')
-        if len(lines) - 1 > MAX_HEADERS:
-            return self.send_error(400, 'more than %d header lines'
-                                   % MAX_HEADERS)
-        headers = {}
-        self.header_list = []       # (name as sent, value), in order
-        hosts = 0
-        for line in lines[1:]:
-            field = split_field(line)
-            if field is None:
-                return self.send_error(400, "header line is not 'Name: value'"
-                                       ": %s" % shown(line))
-            name, value = field
-            self.header_list.append((name, value))
-            name = name.lower()
-            if name in headers:
-                headers[name] += ', ' + value
-            else:
-                headers[name] = value
-            if name == 'host':
-                hosts += 1
-        if hosts > 1 or (hosts == 0 and minor == '1'):
-            return self.send_error(400, '%d Host headers in an HTTP/1.%s'
-                                   ' request' % (hosts, minor))
-        self.headers = headers
-        connection = ()
-        if 'connection' in headers:
-            connection = {token.strip(' \t') for token in
-                          headers['connection'].lower().split(',')}
-        if minor == '0':
-            self.close_connection = 'keep-alive' not in connection
-        else:
-            self.close_connection = 'close' in connection
+    def begin(self):
+        """Start a request at inbuf's first byte that can start one."""
+        if not starts_request(self.inbuf):
+            return False
+        self.move(HEAD)
+        started = self.active_at = time.monotonic()
+        self.request = Request(KEYS.next(), started, self.client)
+        self.log = self.request.log
         return True
 
-    def send_error(self, code, message=None, explain=None):
-        """Answer a request that does not parse: 200, the error, and close.
+    def take_head(self):
+        """Run the request whose head is complete in inbuf; False if none is."""
+        head = self.request.reader.read(self.inbuf)
+        if head is None:
+            return False
+        self.rfile = io.BytesIO(head)
+        self.handle_one_request()
+        return True
 
-        The stock method sends an HTML page with a 4xx or 5xx status."""
-        log = self.handler_log()
-        log.error('bad request: %s; client=%s', message, self.client)
-        self.fail_with(log, message)
-        return False
+    def parse_request(self):
+        """The stock handle_one_request() calls this: parse the head into the
+        request (or raise Refused), so that do_GET or the fallback runs."""
+        head = self.raw_requestline + self.rfile.read()
+        self.rfile = self.raw_requestline = None    # the head is the request's
+        parse_head(self.request, head)
+        return True
 
     def do_GET(self):
-        """Every request that parses comes here, GET or not: choose the
-        reader for its body, then run query() once the body has come."""
-        self.log = RequestLog(self.key, self.started, 'query')
-        path, _, query = self.path.partition('?')
-        self.url_path = target_path(path)
-        self.declared = None      # the body's length as declared, or 'chunked'
-        self.params = parse_query(query)
-        try:
-            self.reader = self.body_reader()
-        except BodyError as error:
-            self.fail_body(str(error))
+        """Every request that parses comes here, GET or not: its body's
+        reader is chosen, and the chain runs once the body has all come."""
+        request = self.request
+        request.reader = body_reader(request)
+        if request.reader is None:
+            self.run_chain()
             return
-        if self.reader is None:
-            self.run_query()
-            return
-        if ('100-continue' in self.headers.get('expect', '').lower()
-                and self.request_version != 'HTTP/1.0'):
+        if ('100-continue' in request.headers.get('expect', '').lower()
+                and request.version != 'HTTP/1.0'):
             self.wfile.write(CONTINUE)
-            self.server.send_later(self)
-        self.body = Body(LOG_BODY)
-        self.state = BODY
+        request.body = Body(LOG_BODY)
+        self.move(BODY)
 
-    def body_reader(self):
-        """The reader for this request's body, or None if it has none.
-        Raises BodyError if the body's end cannot be known for sure."""
-        coding = self.headers.get('transfer-encoding')
-        length = self.headers.get('content-length')
-        if coding is not None:
-            if self.request_version == 'HTTP/1.0':
-                raise BodyError('Transfer-Encoding on an HTTP/1.0 request')
-            if length is not None:
-                raise BodyError('Transfer-Encoding together with'
-                                ' Content-Length')
-            if coding.lower() != 'chunked':
-                raise BodyError('Transfer-Encoding %s is not supported, only'
-                                ' chunked' % shown(coding))
-            self.declared = 'chunked'
-            return ChunkedReader()
-        if length is None:
-            return None
-        # Equal repeated values are one length (RFC 9110 8.6); spaces and
-        # tabs around each are allowed, and nothing else.
-        values = {value.strip(' \t') for value in length.split(',')}
-        value = values.pop() if len(values) == 1 else ''
-        if not DIGITS.fullmatch(value):
-            raise BodyError('Content-Length %s is not one length'
-                            % shown(length))
-        if len(value) > MAX_LENGTH_DIGITS:      # before int() reads them all
-            raise BodyError('Content-Length of %d digits is over %d'
-                            % (len(value), MAX_LENGTH_DIGITS))
-        size = self.declared = int(value)
-        if size > MAX_BODY_BYTES:
-            raise BodyError('body of %d bytes is over %d'
-                            % (size, MAX_BODY_BYTES))
-        return LengthReader(size) if size else None
+    def read_body(self):
+        """Feed inbuf to the body reader; False if it needs more bytes."""
+        request = self.request
+        if not request.reader.read(self.inbuf, request.body):
+            return False
+        self.run_chain()
+        return True
 
-    def run_query(self):
+    def run_chain(self):
+        request = self.request
         try:
-            errors = query(self)
+            errors = query(request)
         except Exception as error:
-            self.log.exception('unexpected error')
+            request.log.exception('unexpected error')
             errors = ['internal error: %s' % type(error).__name__]
-        self.answer(self.log, errors)
+        self.answer(errors, request.log)
 
-    def fail(self, reason):
-        """Answer the current request with an error and close."""
-        log = self.handler_log()
-        log.error('%s; client=%s', reason, self.client)
-        self.fail_with(log, reason)
+    def refuse(self, reason):
+        """The one way a request is refused: its arrival if its head parsed,
+        the reason, the 200 answer with it, then the close."""
+        request = self.request
+        log = request.log.at('handler')
+        if request.method is not None:
+            log_arrival(request)
+        log.error('refused: %s' % reason, extra={
+            'fields': {'client': self.client}, 'text_line': refusal_text})
+        del self.inbuf[:]       # what it still holds belongs to this request
+        self.answer([reason], log, refused=True)
 
-    def fail_body(self, reason):
-        """Fail a request whose head was read but whose body cannot be: its
-        arrival is logged first, as query() would have."""
-        log_arrival(self)
-        self.fail(reason)
-
-    def fail_with(self, log, reason):
-        # What inbuf still holds belongs to the failed request.
-        del self.inbuf[:]
-        self.close_connection = self.linger = True
-        self.answer(log, [reason])
-
-    def answer(self, log, errors):
-        """Write the 200 answer and log it; the request is over."""
+    def answer(self, errors, log, refused=False):
+        """Write the 200 answer and log it: the request is over."""
+        request = self.request
+        closing = refused or not request.keep_alive or self.server.stopping
+        self.wfile.write(answer_bytes(request, errors, closing, self.server.date))
+        said = '; closing the connection' if closing else ''
         if errors:
-            body = (json.dumps({'request': self.key, 'status': 'error',
-                                'errors': errors}) + '\n').encode()
+            log.error('responded 200 status=error%s', said)
         else:
-            body = (OK_BODY % self.key).encode()
-        if self.server.stopping and not self.close_connection:
-            self.close_connection = self.linger = True
-        if self.close_connection:
-            connection = 'Connection: close\r\n'
-        elif self.request_version == 'HTTP/1.0':
-            connection = 'Connection: keep-alive\r\n'
-        else:
-            connection = ''
-        head = ('%s 200 OK\r\nServer: %s\r\nDate: %s\r\n'
-                'Content-Type: application/json\r\nContent-Length: %d\r\n'
-                'X-Content-Type-Options: nosniff\r\nX-Request-Id: %s\r\n%s\r\n'
-                % (self.protocol_version, self.server_version,
-                   self.server.date, len(body), self.key, connection))
-        self.wfile.write(head.encode() if self.command == 'HEAD'
-                         else head.encode() + body)
-        closing = '; closing the connection' if self.close_connection else ''
-        if errors:
-            log.error('responded 200 status=error%s', closing)
-        else:
-            log.info('responded 200 status=ok%s', closing)
+            log.info('responded 200 status=ok%s', said)
+        self.request = None
         self.log = log
-        self.key = self.reader = self.body = None
-        if self.close_connection:
-            self.state = CLOSING
+        if not closing:
+            self.move(IDLE)
+        elif refused or self.inbuf:
             self.drop(self.inbuf)       # pipelined after the last request
             del self.inbuf[:]
+            self.move(DRAINING)
         else:
-            self.state = IDLE
-        self.server.send_later(self)
+            self.move(CLOSING)
+
+    # After the last answer.
+
+    def drop(self, data):
+        """Count, and keep the start of, bytes that arrive after the last
+        request: they are never read as a request."""
+        if data and not self.dropped:
+            self.dropped_start = bytes(data[:MAX_SHOWN_CHARS])
+        self.dropped += len(data)
+
+    def end_of_input(self):
+        """The client has sent all it will send (or reset the connection)."""
+        if self.state is HEAD or self.state is BODY:
+            self.abandon('the client closed the connection')
+        elif self.wfile:
+            self.move(FINISHING)    # send what it asked for, then close
+        else:
+            self.close()
+
+    def half_close(self):
+        """Shut our side once the last answer is out, and drop what still
+        arrives for LINGER_TIMEOUT."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+        except OSError:         # reset by the client meanwhile
+            self.close()
+            return
+        self.move(LINGER)
+        self.linger_until = time.monotonic() + LINGER_TIMEOUT
+
+
+# What json.dumps() gives for the ok body; formatting it costs a tenth.
+OK_BODY = '{"request": "%s", "status": "ok"}\n'
+# The Server header names no Python version.
+ANSWER_HEAD = ('HTTP/1.1 200 OK\r\nServer: kek\r\nDate: %s\r\n'
+               'Content-Type: application/json\r\nContent-Length: %d\r\n'
+               'X-Content-Type-Options: nosniff\r\nX-Request-Id: %s\r\n%s\r\n')
+
+
+def answer_bytes(request, errors, closing, date):
+    """The whole 200 answer to request: its head, and its JSON body unless
+    the method was HEAD.  The body is ASCII (json.dumps() escapes the
+    rest), so its length in characters is its length in bytes."""
+    if errors:
+        body = json.dumps({'request': request.key, 'status': 'error',
+                           'errors': errors}) + '\n'
+    else:
+        body = OK_BODY % request.key
+    if closing:
+        connection = 'Connection: close\r\n'
+    elif request.version == 'HTTP/1.0':
+        connection = 'Connection: keep-alive\r\n'
+    else:
+        connection = ''
+    head = ANSWER_HEAD % (date, len(body), request.key, connection)
+    return (head if request.method == 'HEAD' else head + body).encode()
 
 
 # -- The call chain ------------------------------------------------------------
@@ -1168,7 +1288,7 @@ def log_arrival(request):
     """The first record of a request: what arrived, as fields.  Each format
     writes them in its own grammar, so each value is escaped once: JSON
     as they are, a text line through arrival_text()."""
-    fields = {'method': request.command, 'url': request.path,
+    fields = {'method': request.method, 'url': request.target,
               'params': request.params, 'client': request.client}
     if request.declared == 'chunked':
         fields['transfer_encoding'] = 'chunked'
@@ -1180,13 +1300,14 @@ def log_arrival(request):
     if LOG_HEADERS:
         fields['headers'] = [(name, shown_header(name, value))
                              for name, value in request.header_list]
-    request.log.info('%s %s' % (request.command, request.path),
+    request.log.info('%s %s' % (request.method, request.target),
                      extra={'fields': fields, 'text_line': arrival_text})
 
 
-def arrival_text(fields):
+def arrival_text(record):
     """The arrival on a text line: the URL as text, the parameters, the
     client's ids and the headers as JSON."""
+    fields = record.fields
     text = '%s %s params=%s client=%s' % (
         fields['method'], escape(fields['url']), json_text(fields['params']),
         fields['client'])
@@ -1228,9 +1349,10 @@ def log_body(request):
                      extra={'fields': fields, 'text_line': body_text})
 
 
-def body_text(fields):
+def body_text(record):
     """The body record on a text line: the type and preview or form as
     JSON."""
+    fields = record.fields
     text = 'body %d bytes type=%s sha256=%s' % (
         fields['body_bytes'], json_text(fields['content_type']),
         fields['sha256'])
@@ -1243,6 +1365,12 @@ def body_text(fields):
     return text
 
 
+def refusal_text(record):
+    """A refusal on a text line: the peer first, then why."""
+    return 'client=%s %s' % (record.fields['client'],
+                             escape(record.getMessage()))
+
+
 def query(request):
     """Log the incoming request, check method, path and parameters, then run
     the chain.  Returns the errors, each also logged; none if all went well."""
@@ -1251,10 +1379,10 @@ def query(request):
     if request.body is not None:
         log_body(request)
     errors = []
-    if request.command != 'GET':
-        errors.append('method %s is not allowed' % request.command)
-    if request.url_path != '/api':
-        errors.append('path %s is not /api' % request.url_path)
+    if request.method != 'GET':
+        errors.append('method %s is not allowed' % request.method)
+    if request.path != '/api':
+        errors.append('path %s is not /api' % request.path)
     if '1' in request.params.get('invalid', ()):
         errors.append('parameter invalid=1')
     for error in errors:
@@ -1292,7 +1420,13 @@ def process3(request):
 # -- The server ----------------------------------------------------------------
 
 class Server:
-    """Listens, and runs the loop that drives every connection's Handler."""
+    """Listens, and runs the loop that drives every Connection.
+
+    A round of the loop: take the bytes that arrived, give each connection
+    with bytes to serve its turn, check deadlines, write the round's log
+    records, then send the answers and watch each connection for what it
+    waits for next.
+    """
 
     def __init__(self, address):
         host, port = address
@@ -1313,8 +1447,9 @@ class Server:
         self.waker, self.wake_sender = socket.socketpair()
         self.waker.setblocking(False)
         self.selector.register(self.waker, selectors.EVENT_READ)
-        self.handlers = set()
-        self.to_send = set()        # handlers with output, sent after the log
+        self.connections = set()
+        self.ready = set()          # connections with bytes to serve
+        self.touched = set()        # connections that did something this round
         self.stopping = False
         self.accepting = True
         self.resume_accept_at = 0.0
@@ -1329,53 +1464,80 @@ class Server:
         stop_at = None
         next_sweep = 0.0
         while True:
-            ready = self.selector.select(0 if self.to_send else SWEEP_INTERVAL)
-            for key, events in ready:
+            for key, events in self.selector.select(self.wait(next_sweep)):
+                conn = key.data
                 if key.fileobj is self.socket:
                     self.accept()
                 elif key.fileobj is self.waker:
                     self.waker.recv(4096)
                 else:
+                    self.touched.add(conn)
                     if events & selectors.EVENT_READ:
-                        self.guard(key.data, key.data.on_readable)
-                    if events & selectors.EVENT_WRITE:
-                        self.send_later(key.data)
+                        self.run(conn, conn.receive)
+            ready, self.ready = self.ready, set()
+            for conn in ready:
+                self.touched.add(conn)
+                self.run(conn, conn.serve)
             now = time.monotonic()
+            if not self.accepting and not self.stopping and now >= self.resume_accept_at:
+                self.accepting = True
+                self.selector.register(self.socket, selectors.EVENT_READ)
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
                 self.sweep(now)
             flush_log()
-            to_send, self.to_send = self.to_send, set()
-            for handler in to_send:
-                self.guard(handler, handler.send_output)
+            touched, self.touched = self.touched, set()
+            for conn in touched:
+                self.run(conn, conn.send_output)
+                if conn.state is not CLOSED:
+                    self.watch(conn)
             if self.stopping:
                 if stop_at is None:
                     stop_at = now + SHUTDOWN_GRACE
                     self.stop_accepting()
-                for handler in list(self.handlers):
-                    if handler.idle():
-                        handler.close()
-                if not self.handlers:
+                for conn in list(self.connections):
+                    if conn.idle():
+                        conn.close()
+                if not self.connections:
                     break
                 if now >= stop_at:
-                    for handler in list(self.handlers):
-                        if handler.state is HEAD or handler.state is BODY:
-                            handler.abandon('server stopping')
-                        handler.close()
+                    for conn in list(self.connections):
+                        if conn.state is HEAD or conn.state is BODY:
+                            conn.abandon('server stopping')
+                        conn.close()
                     flush_log()
                     break
 
-    def guard(self, handler, action):
+    def wait(self, next_sweep):
+        """How long select() may wait: not at all while connections have
+        bytes to serve, else until the next sweep or the end of a pause."""
+        if self.ready:
+            return 0
+        wake_at = next_sweep
+        if not self.accepting and not self.stopping:
+            wake_at = min(wake_at, self.resume_accept_at)
+        return max(0.0, wake_at - time.monotonic())
+
+    def run(self, conn, action):
         """Run one connection's action.  A bug must cost that connection, not
         the server: it is logged with its traceback and the connection closed."""
-        if handler.state is CLOSED:
+        if conn.state is CLOSED:
             return
         try:
-            action()
+            if action():
+                self.ready.add(conn)
         except Exception:
             server_log().exception('unexpected error on the connection from'
-                                   ' %s', handler.client)
-            handler.close()
+                                   ' %s', conn.client)
+            conn.close()
+
+    def watch(self, conn):
+        """Watch conn for what it now waits for; a connection that still has
+        bytes to serve is served next round without reading more."""
+        events = conn.wants()
+        if events != conn.events:
+            conn.events = events
+            self.selector.modify(conn.connection, events, conn)
 
     def accept(self):
         while True:
@@ -1393,9 +1555,9 @@ class Server:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            handler = Handler(sock, address, self)
-            self.handlers.add(handler)
-            self.selector.register(sock, selectors.EVENT_READ, handler)
+            conn = Connection(sock, address, self)
+            self.connections.add(conn)
+            self.selector.register(sock, selectors.EVENT_READ, conn)
 
     def stop_accepting(self):
         if self.accepting:
@@ -1403,24 +1565,18 @@ class Server:
             self.selector.unregister(self.socket)
 
     def sweep(self, now):
-        """Once every SWEEP_INTERVAL: the Date header, accepting again after a
-        pause, and every connection's deadline."""
+        """Once every SWEEP_INTERVAL: the Date header and every connection's
+        deadline."""
         self.date = email.utils.formatdate(usegmt=True)
-        if (not self.accepting and not self.stopping
-                and now >= self.resume_accept_at):
-            self.accepting = True
-            self.selector.register(self.socket, selectors.EVENT_READ)
-        for handler in list(self.handlers):
-            if handler.expired(now):
-                self.guard(handler, handler.expire)
+        for conn in list(self.connections):
+            if conn.expired(now):
+                self.touched.add(conn)
+                self.run(conn, conn.expire)
 
-    def send_later(self, handler):
-        """Send handler's output once this round's log records are written."""
-        self.to_send.add(handler)
-
-    def forget(self, handler):
-        self.handlers.discard(handler)
-        self.selector.unregister(handler.request)
+    def forget(self, conn):
+        self.connections.discard(conn)
+        self.ready.discard(conn)
+        self.selector.unregister(conn.connection)
 
     def shutdown(self):
         """Ask the loop to stop; safe from a signal handler or another thread."""
