@@ -22,7 +22,8 @@ server_cmd() {
     case "$1" in
         kek) CMD=("$SYS_PY" "$PROJECT/kek.py") ;;
         flask_dev|twisted_web|aiohttp_app) CMD=("$VENV_PY" "$BENCH/peers/$1.py") ;;
-        *) echo "unknown server: $1 (known: $SERVERS_ALL)" >&2; return 1 ;;
+        stdlib_loop) CMD=("$SYS_PY" "$BENCH/peers/stdlib_loop.py") ;;   # kek's ceiling: no protections
+        *) echo "unknown server: $1 (known: $SERVERS_ALL stdlib_loop)" >&2; return 1 ;;
     esac
 }
 
