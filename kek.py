@@ -21,13 +21,17 @@ parsing and framing, the connection, the call chain, the server, main.
 """
 
 import argparse
+import base64
 import email.utils
+import errno
+import functools
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import resource
 import selectors
 import signal
 import socket
@@ -35,7 +39,6 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
-from urllib.parse import parse_qs
 
 
 # -- Settings ------------------------------------------------------------------
@@ -46,30 +49,50 @@ MAX_PORT = 65535
 LOG_FORMATS = ('text', 'json')
 LOG_HEADERS_VALUES = ('on', 'off')
 DEFAULT_LOG_BODY = 1024         # bytes of each body shown on its body record
+MAX_LOG_BODY = 64 * 1024        # so that 1,000 connections fit in 256 MiB
 
-# At most 65536: the stock handle_one_request() answers a longer request
-# line itself, with a 414.
+# What a request may be.  MAX_HEAD_BYTES is at most 65536: the stock
+# handle_one_request() answers a longer request line itself, with a 414.
 MAX_HEAD_BYTES = 64 * 1024      # request line and header lines together
 MAX_HEADERS = 100
+MAX_PARAMS = 1000               # query parameters (PHP's max_input_vars)
 MAX_METHOD_CHARS = 32           # longer "methods" are taken for junk at once
 MAX_BODY_BYTES = 1024 * 1024    # bodies are read and dropped, never kept
-MAX_SHOWN_CHARS = 200           # client text only shown (a header value, a bad line) is cut here
-MAX_SCHEME_CHARS = 32           # an Authorization scheme longer than this may be the secret
 MAX_LENGTH_DIGITS = 15          # a longer Content-Length is refused unread
 MAX_CHUNK_SIZE_DIGITS = 16      # hex digits of a chunk size, leading zeros included
 MAX_CHUNK_LINE_BYTES = 4096     # a chunk-size line with its extensions
 MAX_TRAILER_BYTES = 8 * 1024    # all trailer lines of a chunked body together
 
+# What the log shows of a request: every client text is cut where its
+# escaped form passes one of these (and twice its own size, plus
+# SHOWN_SLACK), the cut said, so that the log of a request is at most about
+# twice the bytes it sent, plus a few KiB.
+MAX_SHOWN_CHARS = 200           # a header value, a parameter, a bad line
+MAX_SHOWN_URL = 2048            # the URL of an arrival
+MAX_SHOWN_PARAMS = 100          # parameter values shown of a query or form
+MAX_SHOWN_PARTS = 50            # parts shown of a multipart body
+MAX_NAME_CHARS = 256            # a longer name counts as secret, unread
+SHOWN_SLACK = 16
+QUOTED_BYTES = 4096             # of bytes kek did not parse, kept to show
+
 HEAD_TIMEOUT = 10.0     # seconds from a request's first byte to its blank line
 IDLE_TIMEOUT = 10.0     # seconds without a byte either way: idle, slow body, unread answer
+MIN_BODY_RATE = 500     # bytes a second a body must average after IDLE_TIMEOUT
+                        # (Apache mod_reqtimeout's MinRate)
 LINGER_TIMEOUT = 2.0    # after a closing answer, seconds to drop what still arrives
 SHUTDOWN_GRACE = 3.0    # seconds requests in flight get to finish on SIGTERM
 SWEEP_INTERVAL = 0.25   # seconds between checks of every connection's deadline
-ACCEPT_PAUSE = 0.1      # seconds without accepting when out of file descriptors
+ACCEPT_PAUSE = 0.1      # seconds without accepting when out of file
+                        # descriptors and no connection can make room
 
+# What one client may take of the loop and of memory.
+MAX_REQUESTS_A_TURN = 8         # pipelined requests served a round, a connection
 LISTEN_BACKLOG = 1024           # the stock 5 resets bursts of connects
-RECV_BYTES = 64 * 1024
-MAX_PENDING_OUTPUT = 256 * 1024  # unsent answers before a client's requests wait
+RECV_BYTES = MAX_HEAD_BYTES + 1  # a head, and the byte that makes it too long:
+                                # what inbuf holds at most
+MAX_PENDING_OUTPUT = 64 * 1024  # unsent answers before a client's requests wait
+RESERVED_FDS = 16               # descriptors kept for the log, the listener...
+LOG_FLUSH_BYTES = 256 * 1024    # records written in a round before its end
 
 
 # What main() sets from LOG_HEADERS and LOG_BODY.
@@ -135,9 +158,15 @@ def to_json(value):
     return ''.join(JSON_CHUNKS(value, 0))
 
 
-# Characters Python calls printable that show as nothing: Hangul fillers,
-# the blank Braille pattern, Khmer inherent vowels, the grapheme joiner.
-INVISIBLE = re.compile('[\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0]')
+# Characters that show as nothing (Unicode's default-ignorable code points:
+# the soft hyphen, zero-width and bidi controls, variation selectors, tag
+# characters, Hangul fillers...) and the blank Braille pattern.  Python
+# calls some of them printable.
+INVISIBLE = re.compile(
+    '[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f'
+    '\u202a-\u202e\u2060-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0'
+    '\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a'
+    '\U000e0000-\U000e0fff]')
 
 
 def shows_as_itself(text):
@@ -175,8 +204,8 @@ def json_text(value):
     """value as JSON that json.loads() reads back and that is safe on a log
     line: what JSON leaves raw but would not show as itself (bidi overrides,
     U+2028, DEL, invisible characters, surrogates) becomes a \\u escape."""
-    text = to_json(value)
-    if shows_as_itself(text):
+    text = ''.join(JSON_CHUNKS(value, 0))     # to_json(value)
+    if text.isascii() and text.isprintable() or shows_as_itself(text):
         return text
     return ''.join(c if shows_as_itself(c) else json_escape(c) for c in text)
 
@@ -298,8 +327,11 @@ class TextFormatter(logging.Formatter):
             message = escape(self.with_traceback(record))
         elif record.text_line:
             message = record.text_line(record)
-        else:
-            message = escape(record.getMessage())
+        else:       # record.getMessage(), without its call: kek's are text
+            message = record.msg % record.args if record.args else record.msg
+            if not (message.isascii() and message.isprintable()
+                    and '\\' not in message):
+                message = escape(message)
         return (f'{record.key} +{record.offset_ms:.3f}ms {record.levelname:<5}'
                 f' {record.where} {message}')
 
@@ -347,19 +379,29 @@ class LogWriter(logging.Handler):
         super().__init__()
         self.path = path
         self.lines = []
+        self.size = 0               # characters in lines
         self.failing = False
         self.lost = 0
         self.reopen_requested = False
         self.fd = 1 if path is None else self.open()
 
     def open(self):
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        """Open LOG_FILE, and note which file it is (its device and inode)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        opened = os.fstat(fd)
+        self.opened = (opened.st_dev, opened.st_ino)
+        return fd
 
     def emit(self, record):
-        """Keep the record's line for flush().  A list's append() needs no
-        lock: a line another thread adds while flush() swaps the list lands
-        in the old one, which is then written, or in the new one."""
-        self.lines.append(self.formatter.format(record))
+        """Keep the record's line for flush(), which writes them once they
+        pass LOG_FLUSH_BYTES.  A list's append() needs no lock: a line another
+        thread adds while flush() swaps the list lands in the old one, which
+        is then written, or in the new one."""
+        line = self.formatter.format(record)
+        self.lines.append(line)
+        self.size += len(line)
+        if self.size > LOG_FLUSH_BYTES:
+            self.flush()
 
     # The stock handle() without its filters and lock, which cost as much as
     # the formatting.
@@ -368,6 +410,7 @@ class LogWriter(logging.Handler):
     def flush(self):
         lines = self.lines
         self.lines = []
+        self.size = 0
         if self.path is not None and (lines or self.reopen_requested):
             self.reopen_if_moved()
         if not lines:
@@ -403,12 +446,10 @@ class LogWriter(logging.Handler):
         a loop round."""
         try:
             current = os.stat(self.path)
+            current = (current.st_dev, current.st_ino)
         except OSError:
             current = None
-        opened = os.fstat(self.fd)
-        if (not self.reopen_requested and current is not None
-                and current.st_dev == opened.st_dev
-                and current.st_ino == opened.st_ino):
+        if not self.reopen_requested and current == self.opened:
             return
         self.reopen_requested = False
         try:
@@ -442,19 +483,48 @@ def report(message):
 
 TCHAR = r"!#$%&'*+.^_`|~0-9A-Za-z-"   # RFC 9110 token characters
 TOKEN = re.compile(r"[%s]+" % TCHAR, re.ASCII)
+TOKEN_CHARS = ("!#$%&'*+.^_`|~-0123456789abcdefghijklmnopqrstuvwxyz"
+               "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
-# Header and form field names whose values are credentials: only their
-# length is logged.  Literal words, so the search cannot backtrack.
-SECRET_NAME = re.compile('token|secret|password|passwd|api-key|apikey|session'
-                         '|auth|credential')
+# A name (of a header, a query parameter, a form field, a JSON key or a
+# multipart part) looks secret when one of its words is one of these, or
+# its plural.  Words are split at '-', '_', '.', any other punctuation and
+# case changes: 'X-Api-Key', 'access_token', 'accessToken', 'SAMLResponse'.
+SECRET_WORDS = frozenset((
+    'auth', 'authentication', 'authorization', 'token', 'secret', 'password',
+    'passwd', 'pass', 'pwd', 'passcode', 'passphrase', 'key', 'apikey',
+    'session', 'credential', 'signature', 'sig', 'hmac', 'jwt', 'assertion',
+    'saml', 'code', 'otp', 'csrf', 'xsrf', 'ticket', 'cookie', 'bearer'))
+# ... or when it has one of these anywhere, for names run together:
+# 'accesstoken', 'newpassword', 'PHPSESSID'.  Literal words, so the search
+# cannot backtrack.
+SECRET_PARTS = re.compile('token|secret|passw|passc|passph|credential'
+                          '|signature|session|sessid|csrf|xsrf|hmac|jwt|apikey'
+                          '|privatekey|accesskey|authkey')
+WORD = re.compile('[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+')
 
 
-def shown(text):
-    """Client text only shown (a header value, a bad line): cut at
-    MAX_SHOWN_CHARS, and the cut said."""
-    if len(text) <= MAX_SHOWN_CHARS:
-        return text
-    return '%s...(%d chars in all)' % (text[:MAX_SHOWN_CHARS], len(text))
+@functools.lru_cache(maxsize=4096)
+def secret_name(name):
+    """True if a value of this name is to be shown by its length only.  A
+    name too long to be a real one counts as secret, unread."""
+    if len(name) > MAX_NAME_CHARS or SECRET_PARTS.search(name.lower()):
+        return True
+    for word in WORD.findall(name):
+        word = word.lower()
+        if word in SECRET_WORDS or (word[-1] == 's'
+                                    and word[:-1] in SECRET_WORDS):
+            return True
+    return False
+
+
+def length(value):
+    """A secret as the log shows it: only its length, '<14 bytes>'."""
+    return '<%s>' % in_bytes(byte_count(value))
+
+
+def in_bytes(size):
+    return '1 byte' if size == 1 else '%d bytes' % size
 
 
 def byte_count(text):
@@ -463,22 +533,383 @@ def byte_count(text):
         text.encode('utf-8', 'surrogateescape'))
 
 
+# What may take an escape of up to ESCAPE_CHARS characters on a line
+# (\udcff, \u202e): anything but printable ASCII.  Counting it all as the
+# longest escape is safe; shows_as_itself() spares the text that has none.
+COSTLY = re.compile('[^ -~]')
+ESCAPE_CHARS = 6
+
+
+def fit(text, limit):
+    """How many characters of text to show: as many as keep its escaped
+    form within limit characters, and within twice the text's own size
+    (plus SHOWN_SLACK), though an escape takes six characters for a byte."""
+    head = text[:limit]
+    if shows_as_itself(head):
+        return len(head)
+    budget = min(limit, 2 * len(text) + SHOWN_SLACK)
+    size = at = 0       # the escaped size of text[:at]
+    for match in COSTLY.finditer(text, 0, budget):
+        plain = match.start() - at      # plain characters before it
+        if size + plain + ESCAPE_CHARS > budget:
+            return at + min(plain, budget - size)
+        size += plain + ESCAPE_CHARS
+        at = match.start() + 1
+    return min(len(text), at + budget - size)
+
+
+def shown(text, limit=MAX_SHOWN_CHARS):
+    """Client text as the log shows it: cut by fit(), and the cut said."""
+    if len(text) <= limit and text.isascii() and text.isprintable():
+        return text         # the common case, checked first
+    end = fit(text, limit)
+    if end >= len(text):
+        return text
+    return '%s...(%d chars in all)' % (text[:end], len(text))
+
+
+# Authorization schemes shown before the credentials' length (the IANA
+# registry, and the usual others).  Anything else may be the secret itself.
+KNOWN_SCHEMES = frozenset(scheme.lower() for scheme in (
+    'Basic', 'Bearer', 'Digest', 'Negotiate', 'NTLM', 'DPoP', 'HOBA',
+    'Mutual', 'SCRAM-SHA-1', 'SCRAM-SHA-256', 'vapid', 'AWS4-HMAC-SHA256',
+    'Token', 'OAuth', 'GNAP', 'Concealed', 'PrivateToken', 'Kerberos',
+    'Hawk', 'AWS', 'SharedKey', 'SharedAccessSignature', 'ApiKey', 'JWT'))
+# Transfer codings shown as they are; any other value is shown as its length.
+KNOWN_CODINGS = frozenset(('chunked', 'gzip', 'deflate', 'compress',
+                           'identity', 'x-gzip', 'x-compress', 'br', 'zstd',
+                           'trailers'))
+LENGTH_LIKE = re.compile('[0-9 \t,+.-]{0,40}')
+COOKIE_NAME = re.compile('[%s]{1,64}' % TCHAR)
+# Headers whose value is a URL, shown as a URL is.
+URL_HEADERS = frozenset(('referer', 'location', 'content-location',
+                         'x-original-url', 'x-rewrite-url'))
+# Headers a sender of one's own signs with (WEBHOOK_SIGNATURE_HEADER).
+SIGNATURE_HEADERS = set()
+
+
 def shown_header(name, value):
-    """A header's value as the log shows it: credentials never, the rest cut
-    at MAX_SHOWN_CHARS."""
+    """A header's value as the log shows it (SPEC §3, "What is never
+    logged"): credentials never, the rest cut."""
+    return header_rule(name)(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def header_rule(name):
+    """The function that shows a value of the header of this name."""
     lower = name.lower()
     if lower == 'authorization' or lower == 'proxy-authorization':
-        scheme, blank, credentials = value.partition(' ')
-        if blank and len(scheme) <= MAX_SCHEME_CHARS and TOKEN.fullmatch(scheme):
-            return '%s <%d bytes>' % (scheme, byte_count(credentials))
-        return '<%d bytes>' % byte_count(value)
+        return shown_credentials
     if lower == 'cookie' or lower == 'set-cookie':
-        names = [part.partition('=')[0].strip(' \t')
-                 for part in value.split(';')]
-        return '<cookies: %s>' % shown(', '.join(names))
-    if SECRET_NAME.search(lower):
-        return '<%d bytes>' % byte_count(value)
-    return shown(value)
+        return shown_cookies
+    if secret_name(name) or lower in SIGNATURE_HEADERS:
+        return length
+    if lower == 'content-length':
+        return shown_content_length
+    if lower == 'transfer-encoding':
+        return shown_codings
+    if lower in URL_HEADERS:
+        return shown_url
+    return shown
+
+
+def shown_credentials(value):
+    """Authorization: its scheme if it is a known one, then the length."""
+    scheme, blank, credentials = value.partition(' ')
+    if blank and scheme.lower() in KNOWN_SCHEMES:
+        return '%s %s' % (scheme, length(credentials))
+    return length(value)
+
+
+def shown_content_length(value):
+    return value if LENGTH_LIKE.fullmatch(value) else length(value)
+
+
+def shown_codings(value):
+    codings = {coding.strip(' \t').lower() for coding in value.split(',')}
+    return shown(value) if codings <= KNOWN_CODINGS else length(value)
+
+
+def header_value(name, value):
+    """A header's value as a record may show it: by shown_header(), or only
+    by its length when LOG_HEADERS is off."""
+    return shown_header(name, value) if LOG_HEADERS else length(value)
+
+
+def shown_cookies(value):
+    """A Cookie header's names only (RFC 6265: a ';' ends a value even in
+    quotes); a pair that has no name, or a name that is not one, as its
+    length: browsers send a cookie set without a name as its bare value."""
+    names = []
+    for pair in value.split(';'):
+        pair = pair.strip(' \t')
+        name, equals, rest = pair.partition('=')
+        if equals and rest.strip('=') and COOKIE_NAME.fullmatch(name):
+            names.append(name)
+        elif pair:
+            names.append(length(pair))
+    return '<cookies: %s>' % shown(', '.join(names))
+
+
+def shown_url(target, secrets=True):
+    """A request target as the log shows it: the values of secret-looking
+    query parameters, and userinfo in an absolute URL, as their length;
+    everything else as sent, cut at MAX_SHOWN_URL.  secrets=False: no
+    parameter's name is secret."""
+    if (not secrets and target.startswith('/') and len(target) <= MAX_SHOWN_URL
+            and target.isascii() and target.isprintable()):
+        return target       # the common case, checked first
+    path, question, query = target.partition('?')
+    if not path.startswith('/'):
+        path = shown_authority(path)
+    if question and secrets:
+        query = shown_query(query)
+    return shown(path + question + query, MAX_SHOWN_URL)
+
+
+def shown_authority(path):
+    """scheme://user:password@host/... with the password as its length.  A
+    user alone is shown as its length too: a token is often sent that way
+    (https://TOKEN@host/)."""
+    scheme, sep, rest = path.partition('://')
+    authority, slash, rest = rest.partition('/')
+    userinfo, at, host = authority.rpartition('@')
+    if not sep or not at:
+        return path
+    user, colon, password = userinfo.partition(':')
+    userinfo = user + ':' + length(password) if colon else length(userinfo)
+    return scheme + sep + userinfo + at + host + slash + rest
+
+
+def shown_query(query):
+    """A query as sent, but for the values of secret-looking names."""
+    fields = query.split('&')
+    redacted = False
+    for n, field in enumerate(fields):
+        name, equals, value = field.partition('=')
+        if value and secret_name(unquote(name)):
+            fields[n] = name + '=' + length(unquote(value))
+            redacted = True
+    return '&'.join(fields) if redacted else query
+
+
+# Parameters read from this many characters are all shown as they are, but
+# for secret-looking ones: none can be longer, or more.
+SHORT_PARAMS = min(MAX_SHOWN_CHARS, 2 * MAX_SHOWN_PARAMS)
+
+
+def shown_params(params, size):
+    """Parameters (of a query, or a form, of size characters) as the log
+    shows them: the values of secret-looking names as their length, every
+    name and value cut, and at most MAX_SHOWN_PARAMS values; and how many
+    values there were.  Most are short and all shown as they are."""
+    if size <= SHORT_PARAMS and not any(map(secret_name, params)):
+        return params, sum(map(len, params.values()))
+    count = sum(map(len, params.values()))
+    shown_ones = {}
+    room = MAX_SHOWN_PARAMS
+    for name, values in params.items():
+        values = values[:room]
+        room -= len(values)
+        secret = secret_name(name)
+        shown_ones[shown(name)] = [length(value) if secret else shown(value)
+                                   for value in values]
+        if not room:
+            break
+    return shown_ones, count
+
+
+def media_type(content_type):
+    """'text/plain' of 'Text/Plain; charset=utf-8'."""
+    return content_type.partition(';')[0].strip(' \t').lower()
+
+
+# Media types whose body is never taken for a form, whatever it looks like.
+def is_json_type(media):
+    return media == 'application/json' or media.endswith('+json')
+
+
+def is_xml_type(media):
+    return media.endswith('/xml') or media.endswith('+xml')
+
+
+# name=value&name=value..., the last perhaps cut short.  Each part is kept
+# apart by a character the others lack ('=', '&'), so nothing backtracks.
+FORM = re.compile(r'[^=&\s]+=[^&\s]*(?:&[^=&\s]+=[^&\s]*)*(?:&[^=&\s]*)?')
+# What text has not: controls other than tab, CR and LF; bytes that were
+# not UTF-8 (held as surrogates).
+NOT_TEXT = re.compile('[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]')
+
+
+def body_kind(text, media, cut):
+    """What a body's first bytes are, as the log shows them: 'JSON' (by its
+    type, or its first character), 'a form' (by its type, or by its look
+    unless its type is JSON or XML), 'text', or else 'binary'.  A body cut
+    short may end in the middle of a character."""
+    if is_json_type(media) or (not is_xml_type(media)
+                               and text.lstrip(' \t\r\n')[:1] in ('{', '[')):
+        return 'JSON'
+    if media == 'application/x-www-form-urlencoded' or (
+            not is_xml_type(media) and FORM.fullmatch(text.strip(' \t\r\n'))):
+        return 'a form'
+    if NOT_TEXT.search(text, 0, len(text) - 3 if cut else len(text)):
+        return 'binary'
+    return 'text'
+
+
+def body_fields(data, media, cut):
+    """What the body record shows of a body's first bytes (data): a form's
+    fields like the query's, JSON with the values of secret-looking keys as
+    their length, text as it is, anything else in base64."""
+    text = as_text(data)
+    kind = body_kind(text, media, cut)
+    if kind == 'a form':
+        form, count = shown_params(parse_query(text), len(text))
+        if count > MAX_SHOWN_PARAMS:
+            return {'form': form, 'form_values': count}
+        return {'form': form}
+    if kind == 'binary':
+        return {'preview_base64': base64.b64encode(data).decode('ascii')}
+    if kind == 'JSON':
+        text = redact_json(text)
+    return {'preview': shown(text, 2 * len(data) + SHOWN_SLACK)}
+
+
+JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[{}\[\]:,]|[^\s{}\[\]:,"]+')
+# Text in which no key can be secret: none of these is in it.
+SECRET_HINTS = tuple(sorted(SECRET_WORDS)) + (
+    'passw', 'passc', 'passph', 'sessid', 'privatekey', 'accesskey', 'authkey',
+    '\\u')
+
+
+def redact_json(text):
+    """JSON text (maybe cut short, maybe not JSON at all) with the values of
+    secret-looking keys, at any depth, as their length: '"<7 bytes>"', or
+    '"<7 bytes, cut>"' where the text ends inside one.  One pass over its
+    tokens, each found by a pattern that cannot backtrack."""
+    lower = text.lower()
+    if not any(hint in lower for hint in SECRET_HINTS):
+        return text         # no key can be secret: most bodies
+    parts = []
+    done = 0                # text[:done] is in parts
+    containers = []
+    key = None              # a string where a key goes, until its ':'
+    value_of = None         # the key whose value is next
+    key_next = False
+    tokens = JSON_TOKEN.finditer(text)
+    for token in tokens:
+        char = token.group()[0]
+        if value_of is not None:
+            secret, value_of = secret_name(value_of), None
+            if secret:
+                start, end, depth = token.start(), token.end(), 0
+                if char in '{[':
+                    depth = 1
+                    for inner in tokens:
+                        end = inner.end()
+                        first = inner.group()[0]
+                        depth += (first in '{[') - (first in '}]')
+                        if not depth:
+                            break
+                value = text[start:end]
+                if char == '"':
+                    done_string = len(value) > 1 and value.endswith('"')
+                    value = value[1:-1] if done_string else value[1:]
+                    cut = not done_string
+                else:
+                    cut = depth > 0 or end == len(text)
+                parts.append(text[done:start])
+                parts.append('"<%s%s>"' % (in_bytes(byte_count(value)),
+                                           ', cut' if cut else ''))
+                done = end
+                key_next = False
+                continue
+        if char == '{':
+            containers.append(char)
+            key_next = True
+        elif char == '[':
+            containers.append(char)
+            key_next = False
+        elif char in '}]':
+            if containers:
+                containers.pop()
+            key_next = False
+        elif char == ',':
+            key_next = bool(containers) and containers[-1] == '{'
+        elif char == ':':
+            value_of, key = key, None
+        elif char == '"' and key_next:
+            key = json_string(token.group())
+            key_next = False
+        else:
+            key = None
+    parts.append(text[done:])
+    return ''.join(parts)
+
+
+def json_string(token):
+    """The text a JSON string token stands for; its raw inside if it is cut
+    short or not valid JSON."""
+    try:
+        return json.loads(token)
+    except ValueError:
+        return token[1:-1] if len(token) > 1 and token.endswith('"') else token[1:]
+
+
+# What quoted() takes for a header line, and for a request line.
+HEADER_LIKE = re.compile(r'((?:[%s]|[^\x00-\x7f]){1,%d})([ \t]*):'
+                         % (TCHAR, MAX_NAME_CHARS))
+REQUEST_LIKE = re.compile(r'[%s]{1,%d}(?= +(?:[/*]|[A-Za-z][A-Za-z0-9+.-]{0,31}:))'
+                          % (TCHAR, MAX_METHOD_CHARS), re.ASCII)
+
+
+def quoted(data, size=None):
+    """Client bytes (or text) kek did not parse, as the log may show them: a
+    bad line, junk, bytes after the last request.  A line that reads 'Name:
+    value' is shown as that header would be, a request line with its URL as
+    an arrival's is, and anything else by its size and kind, with no more
+    of it than LOG_BODY would show of a body.  size is that of all the
+    bytes, of which data is the start."""
+    text = data if isinstance(data, str) else as_text(data)
+    if not text:
+        return 'an empty line'
+    size = byte_count(text) if size is None else size
+    line, newline, rest = text.partition('\n')
+    line = line[:-1] if newline and line.endswith('\r') else line
+    more = ' (%s in all)' % in_bytes(size) if newline else ''
+    blanks = len(line) - len(line.lstrip(' \t'))
+    header = HEADER_LIKE.match(line, blanks)
+    if header:
+        name, value = header.group(1), line[header.end():].strip(' \t')
+        return '%s%s%s: %s%s' % (line[:blanks], shown(name), header.group(2),
+                                 header_value(name, value), more)
+    method = REQUEST_LIKE.match(line, blanks)
+    if method:
+        at = len(line) - len(line[method.end():].lstrip(' '))
+        target, space, tail = line[at:].partition(' ')
+        return '%s%s%s%s%s' % (line[:at], shown_url(target), space,
+                               shown(tail), more)
+    kind, shown_text = viewed(text, size, LOG_BODY)
+    if not LOG_BODY:
+        return '%s, %s' % (in_bytes(size), kind)
+    return '%s, %s: %s' % (in_bytes(size), kind, shown_text)
+
+
+def viewed(text, size, keep):
+    """The kind of some bytes (text: their start, decoded with
+    surrogateescape; size bytes in all), and what the log shows of their
+    first keep characters, cut: a form or JSON with what looks secret by its
+    length, text as it is, anything else in hex."""
+    kind = body_kind(text, '', byte_count(text) < size)
+    text = text[:keep]
+    if kind == 'binary':
+        return kind, text[:MAX_SHOWN_CHARS // 2].encode(
+            'utf-8', 'surrogateescape')[:MAX_SHOWN_CHARS // 2].hex()
+    if kind == 'a form':
+        text = shown_query(text)
+    elif kind == 'JSON':
+        text = redact_json(text)
+    return kind, shown(text)
 
 
 # -- Parsing and framing -------------------------------------------------------
@@ -490,8 +921,15 @@ REQUEST_LINE = re.compile(r"([%s]{1,%d}) (\S+) HTTP/1\.([01])"
 # Any control character but tab.  Searched for once the CRLF line ends are
 # gone, so it also finds a bare CR or LF.  One character class: no backtracking.
 CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+CONTROL_BUT_CRLF = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 DIGITS = re.compile(r"[0-9]+")
 HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]+")
+# RFC 9112 7.1.1: *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ]).
+# Blanks, ';', '=' and a name or value each start with a character the
+# others cannot, so nothing backtracks.
+CHUNK_EXTENSIONS = re.compile(
+    rb'(?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*(?:[%s]+|"(?:[^"\\]|\\.)*"))?)+'
+    % (TCHAR.encode(), TCHAR.encode()))
 CONTINUE = b'HTTP/1.1 100 Continue\r\n\r\n'
 
 
@@ -511,6 +949,7 @@ class Request:
     method = None       # 'GET', 'POST', 'FOO' ...
     target = None       # the request target exactly as sent: '/api?x=1'
     path = None         # the path the chain checks: '/api'
+    query = None        # the target's part after '?', as sent
     params = None       # the query's parameters, {name: [value, ...]}
     version = None      # 'HTTP/1.1' or 'HTTP/1.0'
     headers = None      # {lower-case name: value}, repeated fields joined
@@ -520,6 +959,7 @@ class Request:
     reader = None       # the reader of what is still to come: HeadReader,
                         # then the one the body's framing asks for
     body = None         # what the log shows of the body: a Body
+    body_started = None  # time.monotonic() when the head was done
 
     def __init__(self, key, started, client):
         self.key = key
@@ -527,6 +967,29 @@ class Request:
         self.client = client            # the peer, 'host:port'
         self.log = RequestLog(key, started, 'query')
         self.reader = HeadReader()
+
+    def due(self):
+        """When the head, or the body, must have come: the head within
+        HEAD_TIMEOUT of the first byte; the body after IDLE_TIMEOUT, with one
+        more second for every MIN_BODY_RATE bytes that came (as Apache's
+        mod_reqtimeout MinRate)."""
+        if self.body is None:
+            return self.started + HEAD_TIMEOUT
+        return self.body_started + IDLE_TIMEOUT + self.body.size / MIN_BODY_RATE
+
+    def overdue(self, active_at, received):
+        """Why the request is refused when its deadline, or IDLE_TIMEOUT
+        without a byte, has passed (received: bytes of its head so far)."""
+        now = time.monotonic()
+        if self.body is None:
+            return ('request head not complete within %g s (%d bytes'
+                    ' received)' % (HEAD_TIMEOUT, received))
+        if now >= active_at + IDLE_TIMEOUT:
+            return ('request body stalled: no byte for %g s, %s'
+                    % (IDLE_TIMEOUT, self.reader.missing()))
+        return ('request body too slow: %d bytes in %.1f s, under %d bytes a'
+                ' second; %s' % (self.body.size, now - self.body_started,
+                                 MIN_BODY_RATE, self.reader.missing()))
 
 
 def starts_request(inbuf):
@@ -575,7 +1038,7 @@ class HeadReader:
         if end < 0:
             if not METHOD_START.match(inbuf):
                 raise Refused('not an HTTP request: %s'
-                              % as_text(inbuf[:MAX_SHOWN_CHARS]))
+                              % quoted(inbuf[:QUOTED_BYTES], len(inbuf)))
             return None
         head = bytes(inbuf[:end + 2])
         del inbuf[:end + 4]
@@ -586,14 +1049,18 @@ def parse_head(request, head):
     """Parse a complete head (request line and header lines, each ended by
     CRLF) strictly, as RFC 9112 asks, into request; raises Refused.  Each
     step is linear in the head's size: no pattern here can backtrack."""
-    problem = control_problem(head.replace(b'\r\n', b''))
-    if problem:
-        raise Refused('%s in the request head' % problem)
+    # Every LF ends a CRLF (HeadReader made sure), so a CR more is bare.
+    control = CONTROL_BUT_CRLF.search(head)
+    if control:
+        raise Refused('control character 0x%02x in the request head'
+                      % control.group()[0])
+    if head.count(b'\r') != head.count(b'\n'):
+        raise Refused('bare CR (not CRLF) in the request head')
     lines = head.decode('utf-8', 'surrogateescape').split('\r\n')[:-1]
     match = REQUEST_LINE.fullmatch(lines[0])
     if not match:
         raise Refused("request line is not 'METHOD TARGET HTTP/1.x': %s"
-                      % shown(lines[0]))
+                      % quoted(lines[0]))
     method, target, minor = match.groups()
     if '#' in target:
         raise Refused('request target with a # fragment')
@@ -604,8 +1071,13 @@ def parse_head(request, head):
     hosts = 0
     for line in lines[1:]:
         field = split_field(line)
+        if field is None and line[:1] in (' ', '\t') and header_list:
+            name = header_list[-1][0]       # obs-fold: a part of its value
+            raise Refused("header line is not 'Name: value': a continuation"
+                          " of %s: %s" % (name, header_value(
+                              name, line.strip(' \t'))))
         if field is None:
-            raise Refused("header line is not 'Name: value': %s" % shown(line))
+            raise Refused("header line is not 'Name: value': %s" % quoted(line))
         name, value = field
         header_list.append((name, value))
         name = name.lower()
@@ -622,10 +1094,13 @@ def parse_head(request, head):
         connection = {token.strip(' \t') for token in
                       headers['connection'].lower().split(',')}
     path, _, query = target.partition('?')
+    if query.count('&') >= MAX_PARAMS:
+        raise Refused('a query of more than %d parameters' % MAX_PARAMS)
     request.method, request.target, request.version = (
         method, target, 'HTTP/1.' + minor)
-    request.path = target_path(path)
-    request.params = parse_query(query)
+    request.path = path if path.startswith('/') else target_path(path)
+    request.query = query
+    request.params = parse_query(query) if query else {}
     request.headers, request.header_list = headers, header_list
     request.keep_alive = ('keep-alive' in connection if minor == '0'
                           else 'close' not in connection)
@@ -633,9 +1108,10 @@ def parse_head(request, head):
 
 def split_field(line):
     """(name, value) of a header or trailer line 'Name: value', the value
-    without the blanks around it; None if the line is not one."""
+    without the blanks around it; None if the line is not one.  A name is a
+    token: stripping its token characters leaves nothing."""
     name, colon, value = line.partition(':')
-    if not colon or not TOKEN.fullmatch(name):
+    if not colon or not name or name.strip(TOKEN_CHARS):
         return None
     return name, value.strip(' \t')
 
@@ -651,17 +1127,38 @@ def control_problem(data):
     return 'control character 0x%02x' % char[0]
 
 
-def parse_query(query):
+PERCENT = re.compile(rb'%([0-9A-Fa-f]{2})')
+
+
+def unquote(text):
+    """text with '+' as a blank and %XX escapes decoded, as parse_qs()
+    decodes a query's names and values (bytes that are not UTF-8 kept as
+    surrogates), but in a few passes of C instead of a Python step for
+    every '%'."""
+    if '+' in text:
+        text = text.replace('+', ' ')
+    if '%' not in text:
+        return text
+    parts = PERCENT.split(text.encode('utf-8', 'surrogateescape'))
+    decoded = bytes.fromhex(b''.join(parts[1::2]).decode('ascii'))
+    parts[1::2] = [decoded[n:n + 1] for n in range(len(decoded))]
+    return b''.join(parts).decode('utf-8', 'surrogateescape')
+
+
+def parse_query(query, limit=MAX_PARAMS):
     """The query's parameters, as parse_qs(keep_blank_values=True) gives
-    them: repeated names kept, values percent-decoded, bytes that are not
-    UTF-8 kept as surrogates.  Most queries have nothing to decode, and are
-    split here at a fifth of parse_qs's cost."""
-    if '%' in query or '+' in query:
-        return parse_qs(query, keep_blank_values=True, errors='surrogateescape')
+    them: repeated names kept, names and values decoded by unquote(); at
+    most limit of them."""
+    fields = query.split('&', limit)
+    if len(fields) > limit:
+        fields.pop()            # the rest, unread
+    decode = '%' in query or '+' in query
     params = {}
-    for field in query.split('&'):
+    for field in fields:
         if field:
             name, _, value = field.partition('=')
+            if decode:
+                name, value = unquote(name), unquote(value)
             if name in params:
                 params[name].append(value)
             else:
@@ -693,7 +1190,7 @@ def body_reader(request):
             raise Refused('Transfer-Encoding together with Content-Length')
         if coding.lower() != 'chunked':
             raise Refused('Transfer-Encoding %s is not supported, only'
-                          ' chunked' % shown(coding))
+                          ' chunked' % header_value('transfer-encoding', coding))
         request.declared = 'chunked'
         return ChunkedReader()
     if length is None:
@@ -703,7 +1200,8 @@ def body_reader(request):
     values = {value.strip(' \t') for value in length.split(',')}
     value = values.pop() if len(values) == 1 else ''
     if not DIGITS.fullmatch(value):
-        raise Refused('Content-Length %s is not one length' % shown(length))
+        raise Refused('Content-Length %s is not one length'
+                      % header_value('content-length', length))
     if len(value) > MAX_LENGTH_DIGITS:      # before int() reads them all
         raise Refused('Content-Length of %d digits is over %d'
                       % (len(value), MAX_LENGTH_DIGITS))
@@ -715,20 +1213,163 @@ def body_reader(request):
 
 class Body:
     """What the log shows of a request body, fed the decoded bytes as they
-    arrive: size, SHA-256 and the first `keep` bytes.  The body itself is
-    never kept, so a connection's memory is bounded by `keep`."""
+    arrive: size, SHA-256, the first `keep` bytes, and the parts of a
+    multipart/form-data body.  The body itself is never kept, so a
+    connection's memory is bounded by `keep`."""
 
-    def __init__(self, keep):
+    def __init__(self, keep, parts=None):
         self.size = 0
         self.sha256 = hashlib.sha256()
         self.keep = keep
         self.preview = bytearray()
+        self.parts = parts          # a MultipartSummary, or None
 
     def add(self, data):
         self.size += len(data)
         self.sha256.update(data)
         if len(self.preview) < self.keep:
             self.preview += data[:self.keep - len(self.preview)]
+        if self.parts is not None:
+            self.parts.add(data)
+
+
+BOUNDARY = re.compile(r';[ \t]*boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))',
+                      re.IGNORECASE)
+PART_PARAMETER = re.compile(r';[ \t]*(name|filename)="([^"]*)"', re.IGNORECASE)
+MAX_PART_HEAD_BYTES = 8 * 1024
+
+# The steps of a multipart body (RFC 2046 5.1.1, RFC 7578).
+PREAMBLE = 'preamble'           # up to the first delimiter
+DELIMITED = 'delimited'         # after a delimiter: CRLF, or '--' at the end
+PART_HEAD = 'part head'         # a part's header lines, up to a blank line
+PART_DATA = 'part data'         # up to the next delimiter
+EPILOGUE = 'epilogue'           # after the last one, or after a broken part
+
+
+def multipart_summary(request):
+    """A MultipartSummary for a multipart/form-data body with a boundary,
+    if any of a body is shown at all; else None."""
+    content_type = request.headers.get('content-type', '')
+    if not LOG_BODY or media_type(content_type) != 'multipart/form-data':
+        return None
+    match = BOUNDARY.search(content_type)
+    if match is None:
+        return None
+    return MultipartSummary((match.group(1) or match.group(2)).encode(
+        'utf-8', 'surrogateescape'))
+
+
+class MultipartSummary:
+    """The parts of a multipart/form-data body, fed its bytes as they arrive:
+    each part's name, filename, type and size, and a text field's value,
+    shown by the rules of a body (by its length, if its name looks secret);
+    never a file's contents.  At most MAX_SHOWN_PARTS parts are kept, each
+    with at most QUOTED_BYTES of its value, and the bytes between two feeds
+    are at most a delimiter long, so memory is bounded."""
+
+    def __init__(self, boundary):
+        self.delimiter = b'\r\n--' + boundary
+        self.buffer = b'\r\n'       # the first delimiter has no CRLF before it
+        self.step = PREAMBLE
+        self.parts = []             # the summaries shown
+        self.count = 0              # parts in all
+        self.part = None            # the summary of the part being read
+        self.value = bytearray()    # the start of a text field's value
+        self.broken = None          # why the body is not well formed
+
+    def add(self, data):
+        buffer = self.buffer + data
+        while buffer:
+            if self.step is PREAMBLE or self.step is PART_DATA:
+                at = buffer.find(self.delimiter)
+                end = at if at >= 0 else max(0, len(buffer) - len(self.delimiter))
+                if self.step is PART_DATA:
+                    self.take(buffer[:end])
+                if at < 0:
+                    buffer = buffer[end:]
+                    break
+                self.end_part()
+                buffer = buffer[at + len(self.delimiter):]
+                self.step = DELIMITED
+            elif self.step is DELIMITED:
+                if len(buffer) < 2:
+                    break
+                if buffer.startswith(b'--'):
+                    self.step = EPILOGUE
+                elif buffer.startswith(b'\r\n'):
+                    buffer = buffer[2:]
+                    self.step = PART_HEAD
+                else:
+                    self.stop('a delimiter not followed by CRLF')
+            elif self.step is PART_HEAD:
+                end = buffer.find(b'\r\n\r\n')
+                if buffer.startswith(b'\r\n'):
+                    end = -2            # an empty head: its blank line alone
+                if end == -1:
+                    if len(buffer) > MAX_PART_HEAD_BYTES:
+                        self.stop('a part head over %d bytes'
+                                  % MAX_PART_HEAD_BYTES)
+                    break
+                self.start_part(as_text(buffer[:max(end, 0)]))
+                buffer = buffer[end + 4:]
+                self.step = PART_DATA
+            else:
+                buffer = b''        # the epilogue is not looked at
+        self.buffer = buffer
+
+    def stop(self, why):
+        self.broken = why
+        self.step = EPILOGUE
+
+    def start_part(self, head):
+        self.count += 1
+        part = {}
+        for line in head.split('\r\n'):
+            name, colon, value = line.partition(':')
+            name = name.strip(' \t').lower()
+            if name == 'content-disposition':
+                for match in PART_PARAMETER.finditer(value):
+                    part[match.group(1).lower()] = shown(match.group(2))
+            elif name == 'content-type':
+                part['type'] = shown(value.strip(' \t'))
+        part['bytes'] = 0
+        self.part = part if len(self.parts) < MAX_SHOWN_PARTS else None
+        del self.value[:]
+
+    def take(self, data):
+        if self.part is not None:
+            self.part['bytes'] += len(data)
+            keep = min(LOG_BODY, QUOTED_BYTES) - len(self.value)
+            if 'filename' not in self.part and keep > 0:
+                self.value += data[:keep]
+
+    def end_part(self):
+        part, self.part = self.part, None
+        if part is None:
+            return
+        if 'filename' not in part:      # a text field: its value is shown
+            if secret_name(part.get('name', '')):
+                part['value'] = '<%s>' % in_bytes(part['bytes'])
+            else:
+                kind, part['value'] = viewed(as_text(self.value),
+                                             part['bytes'], LOG_BODY)
+                if kind == 'binary':
+                    part['value'] = '<%s, binary>' % in_bytes(part['bytes'])
+        self.parts.append(part)
+
+    def summary(self):
+        """The fields the body record shows of the parts."""
+        if self.step is not EPILOGUE:
+            if self.step is PART_DATA:
+                self.take(self.buffer)
+            self.end_part()
+            self.broken = self.broken or 'no closing delimiter'
+        fields = {'parts': self.parts}
+        if self.count > len(self.parts):
+            fields['parts_count'] = self.count
+        if self.broken:
+            fields['parts_broken'] = self.broken
+        return fields
 
 
 class LengthReader:
@@ -824,13 +1465,16 @@ class ChunkedReader:
         return line[:-2]
 
     def start_chunk(self, line, body):
-        size, _, extensions = line.partition(b';')
-        if extensions:
+        size, semicolon, extensions = line.partition(b';')
+        if semicolon:
             size = size.rstrip(b' \t')      # BWS before the ';'
         if (len(size) > MAX_CHUNK_SIZE_DIGITS
                 or not HEX_DIGITS.fullmatch(size)):
-            raise Refused('chunk size %s is not 1 to %d hex digits' % (
-                shown(size.decode('latin-1')), MAX_CHUNK_SIZE_DIGITS))
+            raise Refused('chunk size is not 1 to %d hex digits: %s' % (
+                MAX_CHUNK_SIZE_DIGITS, quoted(line)))
+        if semicolon and not CHUNK_EXTENSIONS.fullmatch(semicolon + extensions):
+            raise Refused("chunk extension is not ';name' or ';name=value':"
+                          ' %s' % quoted(line))
         self.left = int(size, 16)
         if body.size + self.left > MAX_BODY_BYTES:
             raise Refused('chunked body over %d bytes' % MAX_BODY_BYTES)
@@ -843,7 +1487,7 @@ class ChunkedReader:
             raise Refused('more than %d trailer lines' % MAX_HEADERS)
         if split_field(line.decode('latin-1')) is None:
             raise Refused("trailer line is not 'Name: value': %s"
-                          % shown(line.decode('latin-1')))
+                          % quoted(line))
 
     def missing(self):
         return 'chunked body not complete (%s)' % self.step
@@ -852,6 +1496,9 @@ class ChunkedReader:
 # What other protocols send first, to name them when they reach kek.
 PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
 HTTP2_PREFACE = b'PRI * HTTP/2.0'
+PROXY_V1 = re.compile(rb'PROXY (?:TCP[46] [0-9A-Fa-f.:]{2,39} [0-9A-Fa-f.:]{2,39}'
+                      rb' [0-9]{1,5} [0-9]{1,5}|UNKNOWN)')
+PROXY_V1_BYTES = 107                # its longest line, with CRLF
 FOREIGN_FIRST_BYTES = b'\x16P\r'      # TLS, the HTTP/2 PRI or PROXY, PROXY v2
 
 
@@ -865,8 +1512,9 @@ def foreign_protocol(data):
     if data.startswith(HTTP2_PREFACE):
         return 'the HTTP/2 connection preface (PRI * HTTP/2.0)'
     if data.startswith(b'PROXY '):
-        return 'a PROXY protocol v1 header: %s' % shown(as_text(
-            data[:MAX_HEAD_BYTES].partition(b'\r\n')[0]))
+        line = re.split(rb'[\r\n]', data[:PROXY_V1_BYTES + 1], maxsplit=1)[0]
+        return 'a PROXY protocol v1 header: %s' % (
+            as_text(line) if PROXY_V1.fullmatch(line) else quoted(line))
     if data.startswith(PROXY_V2_SIGNATURE):
         return 'a PROXY protocol v2 header'
     return None
@@ -972,8 +1620,7 @@ class Connection(BaseHTTPRequestHandler):
         self.client = ('[%s]:%d' if ':' in host else '%s:%d') % (host, port)
         self.state = IDLE
         self.request = None       # the request under way
-        self.log = None           # the latest request's: news of the
-                                  # connection is told there
+        self.log = None           # the latest request's: news go there
         self.inbuf = bytearray()
         self.wfile = OutputBuffer()
         self.dropped = 0          # bytes that arrived after the last request
@@ -984,8 +1631,7 @@ class Connection(BaseHTTPRequestHandler):
 
     @property
     def command(self):
-        """The request's method: the stock handle_one_request() dispatches
-        on it."""
+        """The stock handle_one_request() dispatches on the method."""
         return self.request.method
 
     def __getattr__(self, name):
@@ -1004,9 +1650,9 @@ class Connection(BaseHTTPRequestHandler):
     # What the loop calls.
 
     def receive(self):
-        """Take what the client sent; True if it left bytes to serve."""
-        try:
-            data = self.connection.recv(RECV_BYTES)
+        """Take what the client sent and serve(): True if more is left."""
+        try:       # what is not served yet is at most a head in the making
+            data = self.connection.recv(RECV_BYTES - len(self.inbuf))
         except BlockingIOError:
             return False
         except OSError:
@@ -1025,23 +1671,28 @@ class Connection(BaseHTTPRequestHandler):
         if self.state is not IDLE:
             self.active_at = time.monotonic()
         self.inbuf += data
-        return True
+        return self.serve()
 
     def serve(self):
-        """Serve every request that is complete in inbuf, in order, while
-        there is room for their answers."""
+        """Serve the requests that are complete in inbuf, in order, while
+        there is room for their answers, but no more than MAX_REQUESTS_A_TURN
+        a round: True if more may wait for the next round."""
         try:
-            while (self.inbuf and len(self.wfile) < MAX_PENDING_OUTPUT
-                   and self.state in SERVING):
-                if self.state is IDLE and not self.begin():
-                    return
-                if self.state is BODY:
-                    if not self.read_body():
-                        return
-                elif not self.take_head():
-                    return
+            for _ in range(MAX_REQUESTS_A_TURN):
+                if not (self.inbuf and len(self.wfile) < MAX_PENDING_OUTPUT
+                        and self.state in SERVING):
+                    return False
+                if self.state is IDLE:
+                    if not starts_request(self.inbuf):
+                        return False
+                    self.begin_request()
+                if not (self.read_body() if self.state is BODY
+                        else self.take_head()):
+                    return False
         except Refused as refusal:
             self.refuse(str(refusal))
+            return False
+        return True
 
     def send_output(self):
         """Send what the socket takes; once the last answer is out, close or
@@ -1069,8 +1720,7 @@ class Connection(BaseHTTPRequestHandler):
                 and self.state in SERVING and bool(self.inbuf))
 
     def wants(self):
-        """What to watch for: room to send while output waits, bytes while
-        the client may send and its answers do not pile up."""
+        """Room to send while output waits; bytes, unless answers pile up."""
         events = selectors.EVENT_WRITE if self.wfile else 0
         if self.state is not FINISHING and len(self.wfile) < MAX_PENDING_OUTPUT:
             events |= selectors.EVENT_READ
@@ -1079,7 +1729,7 @@ class Connection(BaseHTTPRequestHandler):
     def expired(self, now):
         if self.state is LINGER:
             return now >= self.linger_until
-        if self.state is HEAD and now >= self.request.started + HEAD_TIMEOUT:
+        if self.request is not None and now >= self.request.due():
             return True
         return now >= self.active_at + IDLE_TIMEOUT
 
@@ -1090,31 +1740,29 @@ class Connection(BaseHTTPRequestHandler):
             self.log.at('handler').error('client did not read its answer for'
                                          ' %g s; connection closed', IDLE_TIMEOUT)
             self.close()
-        elif self.state is BODY:
-            self.refuse('request body stalled: no byte for %g s, %s'
-                        % (IDLE_TIMEOUT, self.request.reader.missing()))
-        elif self.state is HEAD:
-            self.refuse('request head not complete within %g s (%d bytes'
-                        ' received)' % (HEAD_TIMEOUT, len(self.inbuf)))
+        elif self.request is not None:
+            self.refuse(self.request.overdue(self.active_at, len(self.inbuf)))
         else:
             self.close()
 
     def idle(self):
-        """True when closing the connection loses nothing: no request under
-        way, none waiting in inbuf, and no answer waiting to be sent."""
+        """True when closing the connection loses nothing at all."""
         return (self.state is IDLE or self.state is LINGER) and not (
             self.wfile or self.inbuf)
 
     def abandon(self, reason):
         """Close in the middle of a request that cannot be answered."""
-        request = self.request
-        log = request.log.at('handler')
-        if self.state is BODY:
-            log_arrival(request)
-            log.error('%s; %s', reason, request.reader.missing())
-        else:
-            log.error('%s before the request head was complete (%d bytes'
-                      ' received)', reason, len(self.inbuf))
+        log_abandoned(self.request, reason, len(self.inbuf))
+        self.close()
+
+    def shed(self, why):
+        """Close at once, to make room for a new client."""
+        reason = 'connection closed to make room for a new client: ' + why
+        self.begin_what_arrived()
+        if self.request is not None:
+            log_abandoned(self.request, reason, len(self.inbuf))
+        elif self.log is not None:
+            self.log.at('handler').error(reason)
         self.close()
 
     def close(self):
@@ -1123,31 +1771,26 @@ class Connection(BaseHTTPRequestHandler):
         if self.dropped:
             self.log.at('handler').error(
                 '%d bytes after the last request dropped unread: %s',
-                self.dropped, as_text(self.dropped_start))
+                self.dropped, quoted(self.dropped_start, self.dropped))
         self.move(CLOSED)
         self.server.forget(self)
         self.connection.close()
 
     # A request, from its first byte to its answer.
 
-    def begin(self):
-        """Start a request at inbuf's first byte that can start one."""
-        if not starts_request(self.inbuf):
-            return False
+    def begin_request(self):
         self.move(HEAD)
         started = self.active_at = time.monotonic()
         self.request = Request(KEYS.next(), started, self.client)
         self.log = self.request.log
-        return True
 
     def take_head(self):
         """Run the request whose head is complete in inbuf; False if none is."""
         head = self.request.reader.read(self.inbuf)
-        if head is None:
-            return False
-        self.rfile = io.BytesIO(head)
-        self.handle_one_request()
-        return True
+        if head is not None:
+            self.rfile = io.BytesIO(head)
+            self.handle_one_request()
+        return head is not None
 
     def parse_request(self):
         """The stock handle_one_request() calls this: parse the head into the
@@ -1168,16 +1811,16 @@ class Connection(BaseHTTPRequestHandler):
         if ('100-continue' in request.headers.get('expect', '').lower()
                 and request.version != 'HTTP/1.0'):
             self.wfile.write(CONTINUE)
-        request.body = Body(LOG_BODY)
+        request.body = Body(LOG_BODY, multipart_summary(request))
+        request.body_started = time.monotonic()
         self.move(BODY)
 
     def read_body(self):
         """Feed inbuf to the body reader; False if it needs more bytes."""
-        request = self.request
-        if not request.reader.read(self.inbuf, request.body):
-            return False
-        self.run_chain()
-        return True
+        done = self.request.reader.read(self.inbuf, self.request.body)
+        if done:
+            self.run_chain()
+        return done
 
     def run_chain(self):
         request = self.request
@@ -1224,14 +1867,21 @@ class Connection(BaseHTTPRequestHandler):
     # After the last answer.
 
     def drop(self, data):
-        """Count, and keep the start of, bytes that arrive after the last
-        request: they are never read as a request."""
+        """Count bytes after the last request, never read as a request."""
         if data and not self.dropped:
-            self.dropped_start = bytes(data[:MAX_SHOWN_CHARS])
+            self.dropped_start = bytes(data[:QUOTED_BYTES])
         self.dropped += len(data)
+
+    def begin_what_arrived(self):
+        """Bytes that may begin a request (a PROXY v2 header is not yet told
+        from blank lines) begin one, when the connection ends: its news are
+        then told under a key."""
+        if self.state is IDLE and self.inbuf.strip(b'\r\n'):
+            self.begin_request()
 
     def end_of_input(self):
         """The client has sent all it will send (or reset the connection)."""
+        self.begin_what_arrived()
         if self.state is HEAD or self.state is BODY:
             self.abandon('the client closed the connection')
         elif self.wfile:
@@ -1240,8 +1890,7 @@ class Connection(BaseHTTPRequestHandler):
             self.close()
 
     def half_close(self):
-        """Shut our side once the last answer is out, and drop what still
-        arrives for LINGER_TIMEOUT."""
+        """Shut our side; drop what still arrives for LINGER_TIMEOUT."""
         try:
             self.connection.shutdown(socket.SHUT_WR)
         except OSError:         # reset by the client meanwhile
@@ -1285,39 +1934,55 @@ class ValidationError(Exception):
 
 
 def log_arrival(request):
-    """The first record of a request: what arrived, as fields.  Each format
-    writes them in its own grammar, so each value is escaped once: JSON
-    as they are, a text line through arrival_text()."""
-    fields = {'method': request.method, 'url': request.target,
-              'params': request.params, 'client': request.client}
+    """The first record of a request: what arrived, as fields, with what is
+    never logged left out.  Each format writes them in its own grammar, so
+    each value is escaped once: JSON as they are, a text line through
+    arrival_text()."""
+    params, count = shown_params(request.params, len(request.query))
+    # The URL's query needs looking at only if a parameter was not shown
+    # as it is: a secret-looking one, or one cut.
+    url = shown_url(request.target, secrets=params is not request.params)
+    fields = {'method': request.method, 'url': url, 'client': request.client}
     if request.declared == 'chunked':
         fields['transfer_encoding'] = 'chunked'
     elif request.declared:
         fields['body_bytes'] = request.declared
-    for name in ('x-request-id', 'traceparent'):
-        if name in request.headers:
-            fields[name.replace('-', '_')] = shown(request.headers[name])
+    fields['params'] = params
+    if count > MAX_SHOWN_PARAMS:
+        fields['params_values'] = count
+    headers = request.headers
+    if 'x-request-id' in headers:
+        fields['x_request_id'] = shown(headers['x-request-id'])
+    if 'traceparent' in headers:
+        fields['traceparent'] = shown(headers['traceparent'])
     if LOG_HEADERS:
-        fields['headers'] = [(name, shown_header(name, value))
+        fields['headers'] = [(name, header_rule(name)(value))
                              for name, value in request.header_list]
-    request.log.info('%s %s' % (request.method, request.target),
+    request.log.info('%s %s' % (request.method, url),
                      extra={'fields': fields, 'text_line': arrival_text})
 
 
 def arrival_text(record):
-    """The arrival on a text line: the URL as text, the parameters, the
-    client's ids and the headers as JSON."""
+    """The arrival on a text line: the URL as text, then kek's own fields
+    (the peer, the body's size), and last what the client chose: the
+    parameters, its ids and the headers, as JSON.  So the first ' client='
+    on the line is always the peer."""
     fields = record.fields
-    text = '%s %s params=%s client=%s' % (
-        fields['method'], escape(fields['url']), json_text(fields['params']),
-        fields['client'])
+    url = fields['url']
+    if not (url.isascii() and url.isprintable() and '\\' not in url):
+        url = escape(url)
+    text = '%s %s client=%s' % (fields['method'], url, fields['client'])
     if 'transfer_encoding' in fields:
         text += ' body=chunked'
     elif 'body_bytes' in fields:
         text += ' body=%d' % fields['body_bytes']
-    for name in ('x_request_id', 'traceparent'):
-        if name in fields:
-            text += ' %s=%s' % (name.replace('_', '-'), json_text(fields[name]))
+    text += ' params=' + json_text(fields['params'])
+    if 'params_values' in fields:
+        text += ' (%d of %d values)' % (MAX_SHOWN_PARAMS, fields['params_values'])
+    if 'x_request_id' in fields:
+        text += ' x-request-id=' + json_text(fields['x_request_id'])
+    if 'traceparent' in fields:
+        text += ' traceparent=' + json_text(fields['traceparent'])
     if 'headers' in fields:
         text += ' headers=' + json_text(fields['headers'])
     return text
@@ -1325,44 +1990,56 @@ def arrival_text(record):
 
 def log_body(request):
     """The body record, once a body has arrived whole: its size (decoded,
-    for either framing), type, SHA-256 and first LOG_BODY bytes.  A form's
-    fields are shown like the query's, secret-looking ones by length only."""
+    for either framing), type, SHA-256, and what its first LOG_BODY bytes
+    may show (body_fields()), or the summary of its parts."""
     body = request.body
-    fields = {'body_bytes': body.size,
-              'content_type': shown(request.headers.get('content-type', '')),
+    content_type = request.headers.get('content-type', '')
+    fields = {'body_bytes': body.size, 'content_type': shown(content_type),
               'sha256': body.sha256.hexdigest()}
-    if body.keep:
-        preview = as_text(body.preview)
-        media_type = fields['content_type'].partition(';')[0].strip(' \t')
-        if media_type.lower() == 'application/x-www-form-urlencoded':
-            fields['form'] = {
-                name: ['<%d bytes>' % byte_count(value) for value in values]
-                if SECRET_NAME.search(name.lower()) else values
-                for name, values in parse_qs(
-                    preview, keep_blank_values=True,
-                    errors='surrogateescape').items()}
-        else:
-            fields['preview'] = preview
-        if body.size > len(body.preview):
+    if body.parts is not None:
+        fields.update(body.parts.summary())
+    elif body.keep:
+        cut = body.size > len(body.preview)
+        fields.update(body_fields(bytes(body.preview),
+                                  media_type(content_type), cut))
+        if cut:
             fields['preview_bytes'] = len(body.preview)
     request.log.info('body %d bytes' % body.size,
                      extra={'fields': fields, 'text_line': body_text})
 
 
 def body_text(record):
-    """The body record on a text line: the type and preview or form as
-    JSON."""
+    """The body record on a text line: its type, and its form, preview or
+    parts, as JSON."""
     fields = record.fields
     text = 'body %d bytes type=%s sha256=%s' % (
         fields['body_bytes'], json_text(fields['content_type']),
         fields['sha256'])
-    if 'form' in fields:
-        text += ' form=' + json_text(fields['form'])
-    elif 'preview' in fields:
-        text += ' preview=' + json_text(fields['preview'])
+    for name in ('form', 'preview', 'preview_base64', 'parts'):
+        if name in fields:
+            text += ' %s=%s' % (name, json_text(fields[name]))
+    if 'form_values' in fields:
+        text += ' (%d of %d values)' % (MAX_SHOWN_PARAMS, fields['form_values'])
+    if 'parts_count' in fields:
+        text += ' (%d of %d parts)' % (len(fields['parts']),
+                                       fields['parts_count'])
+    if 'parts_broken' in fields:
+        text += ' broken: %s' % fields['parts_broken']
     if 'preview_bytes' in fields:
         text += ' (the first %d bytes)' % fields['preview_bytes']
     return text
+
+
+def log_abandoned(request, reason, received):
+    """The record of a request left in the middle: after its arrival, if
+    its head had come (received: the bytes of its head so far)."""
+    log = request.log.at('handler')
+    if request.body is not None:
+        log_arrival(request)
+        log.error('%s; %s', reason, request.reader.missing())
+    else:
+        log.error('%s; request head not complete (%s received)', reason,
+                  in_bytes(received))
 
 
 def refusal_text(record):
@@ -1382,7 +2059,7 @@ def query(request):
     if request.method != 'GET':
         errors.append('method %s is not allowed' % request.method)
     if request.path != '/api':
-        errors.append('path %s is not /api' % request.path)
+        errors.append('path %s is not /api' % shown(request.path))
     if '1' in request.params.get('invalid', ()):
         errors.append('parameter invalid=1')
     for error in errors:
@@ -1419,6 +2096,15 @@ def process3(request):
 
 # -- The server ----------------------------------------------------------------
 
+def connection_limit():
+    """How many connections kek keeps at most: what RLIMIT_NOFILE leaves
+    once RESERVED_FDS are set aside (the log, the listener, the selector)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, soft - RESERVED_FDS)
+
+
 class Server:
     """Listens, and runs the loop that drives every Connection.
 
@@ -1448,6 +2134,7 @@ class Server:
         self.waker.setblocking(False)
         self.selector.register(self.waker, selectors.EVENT_READ)
         self.connections = set()
+        self.max_connections = connection_limit()
         self.ready = set()          # connections with bytes to serve
         self.touched = set()        # connections that did something this round
         self.stopping = False
@@ -1464,7 +2151,11 @@ class Server:
         stop_at = None
         next_sweep = 0.0
         while True:
-            for key, events in self.selector.select(self.wait(next_sweep)):
+            # Connections with requests left from the last round: each gets
+            # its turn this round, and is not read until they are served.
+            ready, self.ready = self.ready, set()
+            for key, events in self.selector.select(
+                    0 if ready else self.wait(next_sweep)):
                 conn = key.data
                 if key.fileobj is self.socket:
                     self.accept()
@@ -1472,9 +2163,8 @@ class Server:
                     self.waker.recv(4096)
                 else:
                     self.touched.add(conn)
-                    if events & selectors.EVENT_READ:
+                    if events & selectors.EVENT_READ and conn not in ready:
                         self.run(conn, conn.receive)
-            ready, self.ready = self.ready, set()
             for conn in ready:
                 self.touched.add(conn)
                 self.run(conn, conn.serve)
@@ -1488,9 +2178,7 @@ class Server:
             flush_log()
             touched, self.touched = self.touched, set()
             for conn in touched:
-                self.run(conn, conn.send_output)
-                if conn.state is not CLOSED:
-                    self.watch(conn)
+                self.run(conn, self.send, conn)
             if self.stopping:
                 if stop_at is None:
                     stop_at = now + SHUTDOWN_GRACE
@@ -1509,35 +2197,36 @@ class Server:
                     break
 
     def wait(self, next_sweep):
-        """How long select() may wait: not at all while connections have
-        bytes to serve, else until the next sweep or the end of a pause."""
-        if self.ready:
-            return 0
+        """How long select() may wait, when no connection has requests left
+        to serve: until the next sweep, or the end of a pause."""
         wake_at = next_sweep
         if not self.accepting and not self.stopping:
             wake_at = min(wake_at, self.resume_accept_at)
         return max(0.0, wake_at - time.monotonic())
 
-    def run(self, conn, action):
-        """Run one connection's action.  A bug must cost that connection, not
-        the server: it is logged with its traceback and the connection closed."""
+    def run(self, conn, action, *args):
+        """Run one connection's action; True from it means requests are
+        left to serve next round.  A bug must cost that connection, not the
+        server: it is logged with its traceback and the connection closed."""
         if conn.state is CLOSED:
             return
         try:
-            if action():
+            if action(*args):
                 self.ready.add(conn)
         except Exception:
             server_log().exception('unexpected error on the connection from'
                                    ' %s', conn.client)
             conn.close()
 
-    def watch(self, conn):
-        """Watch conn for what it now waits for; a connection that still has
-        bytes to serve is served next round without reading more."""
-        events = conn.wants()
-        if events != conn.events:
-            conn.events = events
-            self.selector.modify(conn.connection, events, conn)
+    def send(self, conn):
+        """Send conn's answers, then watch it for what it waits for next."""
+        more = conn.send_output()
+        if conn.state is not CLOSED:
+            events = conn.wants()
+            if events != conn.events:
+                conn.events = events
+                self.selector.modify(conn.connection, events, conn)
+        return more
 
     def accept(self):
         while True:
@@ -1546,18 +2235,33 @@ class Server:
             except BlockingIOError:
                 return
             except OSError as error:
-                # Most likely out of file descriptors (EMFILE): accepting
-                # again at once would spin; try again in a moment.
+                # Out of file descriptors (EMFILE): make room, and accept
+                # again; else accepting again at once would spin, so pause.
+                if error.errno in (errno.EMFILE, errno.ENFILE) and self.shed(
+                        'kek is out of file descriptors'):
+                    continue
                 server_log().error('cannot accept connections: %s;'
                                    ' pausing %g s', error, ACCEPT_PAUSE)
                 self.stop_accepting()
                 self.resume_accept_at = time.monotonic() + ACCEPT_PAUSE
                 return
+            if len(self.connections) >= self.max_connections:
+                self.shed('kek keeps %d connections at most' % self.max_connections)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(sock, address, self)
             self.connections.add(conn)
             self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def shed(self, why):
+        """Close the connection that has made the least recent progress, to
+        make room for a new client; False if there is none to close."""
+        if not self.connections:
+            return False
+        conn = min(self.connections, key=lambda conn: conn.active_at)
+        self.run(conn, conn.receive)        # what it sent that is not read yet
+        self.run(conn, lambda: conn.shed(why))
+        return True
 
     def stop_accepting(self):
         if self.accepting:
@@ -1619,7 +2323,7 @@ environment (an argument wins over its variable):
 a text log line: KEY +OFFSETms LEVEL WHERE MESSAGE, where KEY is the request's
 arrival time; grep '^KEY ' prints that request's whole story.
 """ % {'port': DEFAULT_PORT, 'max_port': MAX_PORT, 'host': DEFAULT_HOST,
-       'max_body': MAX_BODY_BYTES, 'body': DEFAULT_LOG_BODY}
+       'max_body': MAX_LOG_BODY, 'body': DEFAULT_LOG_BODY}
 
 
 def number_up_to(text, maximum):
@@ -1664,9 +2368,9 @@ def read_settings(argv, environ):
         raise SettingError('LOG_HEADERS=%r is not one of %s'
                            % (log_headers, ', '.join(LOG_HEADERS_VALUES)))
     log_body = environ.get('LOG_BODY', str(DEFAULT_LOG_BODY))
-    if not number_up_to(log_body, MAX_BODY_BYTES):
+    if not number_up_to(log_body, MAX_LOG_BODY):
         raise SettingError('LOG_BODY=%r is not a number of bytes (0-%d)'
-                           % (log_body, MAX_BODY_BYTES))
+                           % (log_body, MAX_LOG_BODY))
     return {'host': host, 'host_name': host_name, 'port': int(port),
             'port_name': port_name, 'log_format': log_format,
             'log_file': log_file, 'log_headers': log_headers == 'on',
