@@ -27,6 +27,7 @@ import email.utils
 import errno
 import functools
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -49,6 +50,7 @@ DEFAULT_PORT = 8000
 MAX_PORT = 65535
 LOG_FORMATS = ('text', 'json')
 LOG_HEADERS_VALUES = ('on', 'off')
+CORS_VALUES = ('on', 'off')
 DEFAULT_LOG_BODY = 1024         # bytes of each body shown on its body record
 MAX_LOG_BODY = 64 * 1024        # so that 1,000 connections fit in 256 MiB
 
@@ -1221,18 +1223,25 @@ def body_reader(request):
     return LengthReader(size) if size else None
 
 
+def body_of(request):
+    """The Body that is fed the request's body: LOG_BODY bytes of it, the
+    parts if it is multipart/form-data, the signatures it carries."""
+    return Body(LOG_BODY, multipart_summary(request), signatures_of(request))
+
+
 class Body:
     """What the log shows of a request body, fed the decoded bytes as they
-    arrive: size, SHA-256, the first `keep` bytes, and the parts of a
-    multipart/form-data body.  The body itself is never kept, so a
-    connection's memory is bounded by `keep`."""
+    arrive: size, SHA-256, the first `keep` bytes, the parts of a
+    multipart/form-data body, and the MACs of its signatures.  The body
+    itself is never kept, so a connection's memory is bounded by `keep`."""
 
-    def __init__(self, keep, parts=None):
+    def __init__(self, keep, parts=None, signatures=None):
         self.size = 0
         self.sha256 = hashlib.sha256()
         self.keep = keep
         self.preview = bytearray()
         self.parts = parts          # a MultipartSummary, or None
+        self.signatures = signatures    # Signatures, or None
 
     def add(self, data):
         self.size += len(data)
@@ -1241,6 +1250,9 @@ class Body:
             self.preview += data[:self.keep - len(self.preview)]
         if self.parts is not None:
             self.parts.add(data)
+        if self.signatures:
+            for signature in self.signatures:
+                signature.add(data)
 
 
 BOUNDARY = re.compile(r';[ \t]*boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))',
@@ -1565,6 +1577,310 @@ def as_text(data):
     return bytes(data).decode('utf-8', 'surrogateescape')
 
 
+# -- Webhooks and browsers -----------------------------------------------------
+
+# Each webhook sender's signature (SPEC 3, "Signatures"), by the header that
+# carries it: the scheme's name, the other headers it needs, and how long
+# after its timestamp the sender's own library still takes it (seconds).
+SIGNATURE_SCHEMES = (
+    ('x-hub-signature-256', 'github'), ('x-hub-signature', 'github'),
+    ('x-gitlab-token', 'gitlab'), ('stripe-signature', 'stripe'),
+    ('x-slack-signature', 'slack'), ('x-shopify-hmac-sha256', 'shopify'),
+    ('webhook-signature', 'standard'), ('svix-signature', 'standard'),
+    ('paddle-signature', 'paddle'))
+TOLERANCES = {'stripe': 300, 'slack': 300, 'standard': 300, 'paddle': 5}
+MAX_TIMESTAMP_DIGITS = 12
+HEX_MAC = re.compile('[0-9a-fA-F]{40}|[0-9a-fA-F]{64}')     # SHA-1, SHA-256
+BASE64_MAC = re.compile('[A-Za-z0-9+/]{43}=')                  # SHA-256
+
+# What main() sets from WEBHOOK_SECRET and WEBHOOK_SIGNATURE_HEADER.
+WEBHOOK_SECRET = None           # the shared secret, as bytes
+WEBHOOK_SIGNATURE_HEADER = None  # the lower-case name of one's own header
+
+
+class Malformed(Exception):
+    """A signature header that cannot be read: the reason."""
+
+
+def signatures_of(request):
+    """The Signature of each known signature header of the request (none if
+    WEBHOOK_SECRET is unset): the body, as it streams in, is fed to them."""
+    if WEBHOOK_SECRET is None:
+        return None
+    headers = request.headers
+    found = []
+    schemes = set()
+    for header, scheme in SIGNATURE_SCHEMES:
+        if header in headers and scheme not in schemes:
+            schemes.add(scheme)
+            found.append(Signature(scheme, header, headers))
+    if WEBHOOK_SIGNATURE_HEADER in headers:
+        found.append(Signature('custom', WEBHOOK_SIGNATURE_HEADER, headers))
+    return found
+
+
+def secret_forms(scheme):
+    """The secret as the scheme uses it, and in its other form (or None):
+    Standard Webhooks and Svix base64-decode what follows 'whsec_'; the
+    others take the secret as it is, though a 'whsec_' secret may be meant
+    decoded."""
+    secret = WEBHOOK_SECRET
+    decoded = None
+    body = secret[6:] if secret.startswith(b'whsec_') else secret
+    try:
+        decoded = base64.b64decode(body, validate=True) or None
+    except ValueError:
+        pass
+    if scheme == 'standard' and decoded is not None:
+        return decoded, secret
+    if secret.startswith(b'whsec_'):
+        return secret, decoded
+    return secret, None
+
+
+class Signature:
+    """A sender's signature of one request, checked against WEBHOOK_SECRET
+    as the body streams in.  The MAC of what is signed (the scheme's prefix,
+    then the body) is computed with each form of the secret, the body's last
+    two bytes held back: so a mismatch can say whether the body without its
+    last newline, or the secret in its other form, would match, and never
+    what the MAC is.  Comparisons take constant time."""
+
+    def __init__(self, scheme, header, headers):
+        self.scheme = scheme
+        self.problem = None         # why it cannot be read
+        self.timestamp = None
+        self.given = []             # the MACs sent
+        self.macs = []              # for each form of the secret
+        self.held = b''             # the body's last two bytes so far
+        try:
+            prefix, digest = getattr(self, 'read_' + scheme)(
+                headers[header].strip(' \t'), headers)
+        except Malformed as malformed:
+            self.problem = str(malformed)
+            return
+        if digest is not None:
+            self.macs = [hmac.new(key, prefix, digest) for key in
+                         secret_forms(scheme) if key is not None]
+
+    # How each scheme is read: the prefix of what is signed, and the digest.
+
+    def read_github(self, value, headers):
+        digest, equals, mac = value.partition('=')      # X-Hub-Signature-256
+        if digest not in ('sha256', 'sha1'):            # or the older SHA-1
+            raise Malformed('not sha256=SIGNATURE')
+        self.given = [self.hex(mac, 64 if digest == 'sha256' else 40)]
+        return b'', digest
+
+    def read_gitlab(self, value, headers):
+        self.given = [value.encode('utf-8', 'surrogateescape')]
+        return None, None           # a token, compared to the secret
+
+    def read_stripe(self, value, headers):
+        fields = [field.strip(' \t').partition('=') for field in value.split(',')]
+        timestamps = [v for k, _, v in fields if k == 't']
+        self.given = [self.hex(v, 64) for k, _, v in fields if k == 'v1']
+        if len(timestamps) != 1 or not self.given:
+            raise Malformed('not t=TIMESTAMP,v1=SIGNATURE')
+        return self.read_timestamp(timestamps[0]) + b'.', 'sha256'
+
+    def read_slack(self, value, headers):
+        version, equals, mac = value.partition('=')
+        if version != 'v0':
+            raise Malformed('not v0=SIGNATURE')
+        self.given = [self.hex(mac, 64)]
+        if 'x-slack-request-timestamp' not in headers:
+            raise Malformed('no X-Slack-Request-Timestamp')
+        timestamp = self.read_timestamp(headers['x-slack-request-timestamp'])
+        return b'v0:' + timestamp + b':', 'sha256'
+
+    def read_shopify(self, value, headers):
+        self.given = [self.base64(value)]
+        return b'', 'sha256'
+
+    def read_standard(self, value, headers):
+        kind = 'webhook' if 'webhook-signature' in headers else 'svix'
+        if kind + '-id' not in headers or kind + '-timestamp' not in headers:
+            raise Malformed('no %s-id or %s-timestamp' % (kind, kind))
+        for part in value.split(' '):
+            version, comma, mac = part.partition(',')
+            if version == 'v1':
+                self.given.append(self.base64(mac))
+        if not self.given:
+            raise Malformed('no v1,SIGNATURE')
+        message_id = headers[kind + '-id'].encode('utf-8', 'surrogateescape')
+        timestamp = self.read_timestamp(headers[kind + '-timestamp'])
+        return message_id + b'.' + timestamp + b'.', 'sha256'
+
+    def read_paddle(self, value, headers):
+        fields = [field.strip(' \t').partition('=') for field in value.split(';')]
+        timestamps = [v for k, _, v in fields if k == 'ts']
+        self.given = [self.hex(v, 64) for k, _, v in fields if k == 'h1']
+        if len(timestamps) != 1 or not self.given:
+            raise Malformed('not ts=TIMESTAMP;h1=SIGNATURE')
+        return self.read_timestamp(timestamps[0]) + b':', 'sha256'
+
+    def read_custom(self, value, headers):
+        if value.startswith('sha256='):
+            value = value[len('sha256='):]
+        if HEX_MAC.fullmatch(value) and len(value) == 64:
+            self.given = [bytes.fromhex(value)]
+        elif BASE64_MAC.fullmatch(value):
+            self.given = [base64.b64decode(value)]
+        else:
+            raise Malformed('not the hex or base64 of an HMAC-SHA256')
+        return b'', 'sha256'
+
+    def read_timestamp(self, text):
+        text = text.strip(' \t')
+        if not DIGITS.fullmatch(text) or len(text) > MAX_TIMESTAMP_DIGITS:
+            raise Malformed('its timestamp is not a number of seconds')
+        self.timestamp = int(text)
+        return text.encode()
+
+    def hex(self, text, digits):
+        if len(text) != digits or not HEX_MAC.fullmatch(text):
+            raise Malformed('a signature that is not %d hex digits' % digits)
+        return bytes.fromhex(text)
+
+    def base64(self, text):
+        if not BASE64_MAC.fullmatch(text):
+            raise Malformed('a signature that is not the base64 of an'
+                            ' HMAC-SHA256')
+        return base64.b64decode(text)
+
+    # Fed the body, then asked.
+
+    def add(self, data):
+        if len(data) >= 2:
+            for mac in self.macs:
+                mac.update(self.held)
+                mac.update(memoryview(data)[:-2])
+            self.held = bytes(data[-2:])
+        else:
+            held = self.held + data
+            for mac in self.macs:
+                mac.update(held[:-2])
+            self.held = held[-2:]
+
+    def matches(self, mac, cut=0):
+        """True if the MAC of what was signed, its last cut bytes left out,
+        is one of those sent."""
+        mac = mac.copy()
+        mac.update(self.held[:len(self.held) - cut])
+        digest = mac.digest()
+        return any(hmac.compare_digest(digest, given) for given in self.given)
+
+    def verdict(self):
+        """What the log says of it: 'ok: github', 'mismatch: stripe; ...',
+        'malformed: slack; ...'."""
+        if self.problem:
+            return 'malformed: %s; %s' % (self.scheme, self.problem)
+        if self.scheme == 'gitlab':
+            ok = hmac.compare_digest(self.given[0], WEBHOOK_SECRET)
+            return '%s: gitlab' % ('ok' if ok else 'mismatch')
+        hints = []
+        age = self.age()
+        if self.matches(self.macs[0]):
+            return 'ok: %s%s' % (self.scheme, '; but ' + age if age else '')
+        if age:
+            hints.append(age)
+        for cut, end in ((1, b'\n'), (2, b'\r\n')):
+            if self.held.endswith(end) and self.matches(self.macs[0], cut):
+                hints.append('it would match the body without its last %s'
+                             % ('newline' if cut == 1 else 'CRLF'))
+        if len(self.macs) > 1 and self.matches(self.macs[1]):
+            hints.append('it would match with the secret %s' % (
+                'as it is, not base64-decoded' if self.scheme == 'standard'
+                else 'base64-decoded after whsec_'))
+        return 'mismatch: %s%s' % (self.scheme, ''.join('; ' + hint
+                                                      for hint in hints))
+
+    def age(self):
+        """Its timestamp's age, if the sender would refuse it for that."""
+        if self.timestamp is None:
+            return ''
+        age = int(time.time()) - self.timestamp
+        tolerance = TOLERANCES[self.scheme]
+        if abs(age) <= tolerance:
+            return ''
+        return 'its timestamp is %d s %s (%s allows %d s)' % (
+            abs(age), 'old' if age > 0 else 'in the future', self.scheme,
+            tolerance)
+
+
+def log_signatures(request):
+    """One record for each signature of the request, and 'signature absent'
+    for a body that has none, when WEBHOOK_SECRET is set.  The answer does
+    not change: kek is no oracle for forging signatures."""
+    body = request.body
+    signatures = signatures_of(request) if body is None else body.signatures
+    if not signatures:
+        if body is not None:
+            request.log.warning('signature absent')
+        return
+    for signature in signatures:
+        verdict = signature.verdict()
+        if verdict.startswith('ok'):
+            request.log.info('signature ' + verdict)
+        else:
+            request.log.warning('signature ' + verdict)
+
+
+# CORS (SPEC 4): what a browser needs to let a page on another origin reach
+# kek, and read its answer's X-Request-Id.
+ORIGIN = re.compile(r'[A-Za-z][A-Za-z0-9+.-]{0,31}://'
+                    r'(?:[A-Za-z0-9._~-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])'
+                    r'(?::[0-9]{1,5})?')
+TOKEN_LIST = re.compile(r'[%s]{1,%d}(?:[ \t]*,[ \t]*[%s]{1,%d}){0,%d}'
+                        % (TCHAR, MAX_NAME_CHARS, TCHAR, MAX_NAME_CHARS,
+                           MAX_HEADERS))
+PREFLIGHT_MAX_AGE = 600         # seconds a browser may keep a preflight's answer
+
+# What main() sets from CORS.
+CORS = True
+
+
+def cors_headers(request):
+    """The Access-Control-* headers of the answer to request (SPEC 4): none
+    unless CORS is on and it has an Origin that is a serialized origin;
+    nothing a client sent is copied into them unchecked."""
+    origin = request.headers.get('origin')
+    if not CORS or origin is None or not ORIGIN.fullmatch(origin):
+        return ''
+    lines = ('Access-Control-Allow-Origin: %s\r\n'
+             'Access-Control-Allow-Credentials: true\r\n'
+             'Access-Control-Expose-Headers: X-Request-Id\r\n'
+             'Vary: Origin\r\n' % origin)
+    method = request.headers.get('access-control-request-method')
+    if request.method != 'OPTIONS' or method is None:
+        return lines
+    if TOKEN.fullmatch(method) and len(method) <= MAX_METHOD_CHARS:
+        lines += 'Access-Control-Allow-Methods: %s\r\n' % method
+    headers = request.headers.get('access-control-request-headers')
+    if headers is not None and TOKEN_LIST.fullmatch(headers):
+        lines += 'Access-Control-Allow-Headers: %s\r\n' % headers
+    lines += 'Access-Control-Max-Age: %d\r\n' % PREFLIGHT_MAX_AGE
+    if request.headers.get(
+            'access-control-request-private-network', '').lower() == 'true':
+        lines += 'Access-Control-Allow-Private-Network: true\r\n'
+    return lines
+
+
+def log_preflight(request):
+    """A browser's preflight, named as such, whether CORS is on or off."""
+    headers = request.headers
+    if (request.method != 'OPTIONS' or 'origin' not in headers
+            or 'access-control-request-method' not in headers):
+        return
+    asked = headers.get('access-control-request-headers')
+    if asked and TOKEN_LIST.fullmatch(asked):
+        asked = ', '.join(name.strip(' \t') for name in asked.split(','))
+    request.log.info('preflight for %s from %s%s' % (
+        shown(headers['access-control-request-method']), shown(headers['origin']),
+        ', headers ' + shown(asked) if asked else ''))
+
+
 # -- The connection ------------------------------------------------------------
 
 # A connection's states.  A connection moves only as MOVES allows (h11's
@@ -1821,7 +2137,7 @@ class Connection(BaseHTTPRequestHandler):
         if ('100-continue' in request.headers.get('expect', '').lower()
                 and request.version != 'HTTP/1.0'):
             self.wfile.write(CONTINUE)
-        request.body = Body(LOG_BODY, multipart_summary(request))
+        request.body = body_of(request)
         request.body_started = time.monotonic()
         self.move(BODY)
 
@@ -1933,6 +2249,8 @@ def answer_bytes(request, errors, closing, date):
         connection = 'Connection: keep-alive\r\n'
     else:
         connection = ''
+    if request.headers is not None:
+        connection += cors_headers(request)
     head = ANSWER_HEAD % (date, len(body), request.key, connection)
     return (head if request.method == 'HEAD' else head + body).encode()
 
@@ -2065,6 +2383,9 @@ def query(request):
     log_arrival(request)
     if request.body is not None:
         log_body(request)
+    if WEBHOOK_SECRET is not None:
+        log_signatures(request)
+    log_preflight(request)
     errors = []
     if request.method != 'GET':
         errors.append('method %s is not allowed' % request.method)
@@ -2329,6 +2650,14 @@ environment (an argument wins over its variable):
                    redacted (default on)
   LOG_BODY=N       bytes of each body shown on its body record, 0-%(max_body)d
                    (default %(body)d)
+  CORS=X           on or off: let pages in browsers on any origin call kek
+                   and read its answers (default on)
+  WEBHOOK_SECRET=S the webhook senders' shared secret: each request's
+                   signature is checked and the result logged (default
+                   unset).  From the environment only, and never printed
+  WEBHOOK_SIGNATURE_HEADER=NAME
+                   a header your own sender puts an HMAC-SHA256 of the body
+                   in, hex or base64 (default unset; needs WEBHOOK_SECRET)
 
 a text log line: KEY +OFFSETms LEVEL WHERE MESSAGE, where KEY is the request's
 arrival time; grep '^KEY ' prints that request's whole story.
@@ -2354,6 +2683,12 @@ def read_settings(argv, environ):
                         ' one (default: $PORT or %d)' % (MAX_PORT, DEFAULT_PORT))
     parser.add_argument('--host', help='address to bind, IPv4 or IPv6'
                         ' (default: $HOST or %s)' % DEFAULT_HOST)
+    for arg in argv or ():
+        name = arg.partition('=')[0]
+        if name.startswith('-') and secret_name(name.lstrip('-')):
+            raise SettingError('%s: a secret is never an argument (a command'
+                               ' line is seen by every user of the machine);'
+                               ' set WEBHOOK_SECRET in the environment' % name)
     args = parser.parse_args(argv)
     port_name, port = (('--port', args.port) if args.port is not None
                        else ('PORT', environ.get('PORT', str(DEFAULT_PORT))))
@@ -2381,10 +2716,48 @@ def read_settings(argv, environ):
     if not number_up_to(log_body, MAX_LOG_BODY):
         raise SettingError('LOG_BODY=%r is not a number of bytes (0-%d)'
                            % (log_body, MAX_LOG_BODY))
+    cors = environ.get('CORS', 'on')
+    if cors not in CORS_VALUES:
+        raise SettingError('CORS=%r is not one of %s'
+                           % (cors, ', '.join(CORS_VALUES)))
+    secret = environ.get('WEBHOOK_SECRET')
+    if secret == '':        # the only value of a secret an error may show
+        raise SettingError('WEBHOOK_SECRET is empty: set the secret, or'
+                           ' leave it unset to check no signature')
+    header = environ.get('WEBHOOK_SIGNATURE_HEADER')
+    if header is not None:
+        if not TOKEN.fullmatch(header) or len(header) > MAX_NAME_CHARS:
+            raise SettingError('WEBHOOK_SIGNATURE_HEADER=%r is not a header'
+                               ' name' % header)
+        if header.lower() in dict(SIGNATURE_SCHEMES):
+            raise SettingError(
+                'WEBHOOK_SIGNATURE_HEADER=%r is already read as %s signs'
+                % (header, dict(SIGNATURE_SCHEMES)[header.lower()]))
+        if secret is None:
+            raise SettingError('WEBHOOK_SIGNATURE_HEADER=%r needs'
+                               ' WEBHOOK_SECRET, the secret it is made with'
+                               % header)
     return {'host': host, 'host_name': host_name, 'port': int(port),
             'port_name': port_name, 'log_format': log_format,
             'log_file': log_file, 'log_headers': log_headers == 'on',
-            'log_body': int(log_body)}
+            'log_body': int(log_body), 'cors': cors == 'on',
+            'webhook_secret': None if secret is None
+            else secret.encode('utf-8', 'surrogateescape'),
+            'webhook_signature_header': header and header.lower()}
+
+
+def configure(settings):
+    """Set what the settings decide of how requests are logged and
+    answered."""
+    global LOG_HEADERS, LOG_BODY, CORS, WEBHOOK_SECRET, WEBHOOK_SIGNATURE_HEADER
+    LOG_HEADERS, LOG_BODY = settings['log_headers'], settings['log_body']
+    CORS = settings['cors']
+    WEBHOOK_SECRET = settings['webhook_secret']
+    WEBHOOK_SIGNATURE_HEADER = settings['webhook_signature_header']
+    SIGNATURE_HEADERS.clear()
+    if WEBHOOK_SIGNATURE_HEADER:
+        SIGNATURE_HEADERS.add(WEBHOOK_SIGNATURE_HEADER)
+    header_rule.cache_clear()
 
 
 def keep_standard_fds_open():
@@ -2417,8 +2790,7 @@ def main(argv=None, environ=os.environ):
     except SettingError as error:
         report(error)
         return 2
-    global LOG_HEADERS, LOG_BODY
-    LOG_HEADERS, LOG_BODY = settings['log_headers'], settings['log_body']
+    configure(settings)
     formatter = JsonFormatter if settings['log_format'] == 'json' else TextFormatter
     writer.setFormatter(formatter())
     LOGGER.addHandler(writer)

@@ -9,6 +9,7 @@ import calendar
 import errno
 import gc
 import hashlib
+import hmac
 import http.client
 import io
 import json
@@ -36,7 +37,7 @@ import kek
 KEK = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kek.py')
 KEY = r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z'
 # The README's grammar of a text line: KEY +OFFSETms LEVEL WHERE MESSAGE.
-LINE = re.compile(r'(%s) \+(\d+\.\d{3})ms (INFO |ERROR) (\S+) (.*)'
+LINE = re.compile(r'(%s) \+(\d+\.\d{3})ms (INFO |ERROR|WARNING) (\S+) (.*)'
                   % KEY)
 
 
@@ -1833,6 +1834,585 @@ def test_the_log_of_a_request_is_at_most_twice_its_size_and_a_few_kib(
     assert len(server.text_of_log()) < 2 * len(head) + 6 * 1024
 
 
+# -- Webhooks and browsers -----------------------------------------------------
+
+@pytest.fixture
+def configure():
+    """Settings as main() sets them from an environment; the defaults again
+    afterwards."""
+    def configure(**environ):
+        kek.configure(kek.read_settings([], environ))
+    yield configure
+    kek.configure(kek.read_settings([], {}))
+
+
+def messages(server, key, level=None):
+    """The messages of one request's records, in either log format."""
+    if server.text:
+        return [message for record_level, where, message in server.chain(key)
+                if level in (None, record_level.strip())]
+    records = [json.loads(line) for line in server.lines()]
+    return [record['message'] for record in records if record['request'] == key
+            and level in (None, record['level'])]
+
+
+def signatures(server, key):
+    return [message for message in messages(server, key)
+            if message.startswith('signature ')]
+
+
+def hex_mac(key, data, digest='sha256'):
+    return hmac.new(key, data, digest).hexdigest()
+
+
+def base64_mac(key, data):
+    return base64.b64encode(hmac.new(key, data, 'sha256').digest()).decode()
+
+
+# Each sender signs as its documentation says: secret and body are bytes,
+# now the Unix time the sender signs at.
+
+def github(secret, body, now):
+    # docs.github.com, "Validating webhook deliveries"
+    return {'X-Hub-Signature-256': 'sha256=' + hex_mac(secret, body)}
+
+
+def github_sha1(secret, body, now):
+    return {'X-Hub-Signature': 'sha1=' + hex_mac(secret, body, 'sha1')}
+
+
+def gitlab(secret, body, now):
+    # docs.gitlab.com, "Webhooks": the secret token itself, in a header
+    return {'X-Gitlab-Token': secret.decode()}
+
+
+def stripe(secret, body, now):
+    # docs.stripe.com/webhooks, "Verify manually": HMAC-SHA256 of
+    # "{t}.{payload}" with the endpoint's whole whsec_ secret as the key;
+    # in test mode a v0 signature comes along, made with another key.
+    signed = b'%d.%s' % (now, body)
+    return {'Stripe-Signature': 't=%d,v1=%s,v0=%s' % (
+        now, hex_mac(secret, signed), hex_mac(b'test mode', signed))}
+
+
+def slack(secret, body, now):
+    # api.slack.com, "Verifying requests from Slack": "v0:{ts}:{body}"
+    return {'X-Slack-Request-Timestamp': str(now),
+            'X-Slack-Signature': 'v0=' + hex_mac(secret, b'v0:%d:%s'
+                                                 % (now, body))}
+
+
+def shopify(secret, body, now):
+    # shopify.dev, "Verify webhooks": base64 of the HMAC-SHA256 of the body
+    return {'X-Shopify-Hmac-Sha256': base64_mac(secret, body)}
+
+
+def standard(secret, body, now, kind='webhook'):
+    # standardwebhooks.com (and Svix): "{id}.{timestamp}.{body}", the key the
+    # base64 after whsec_; several signatures, space-separated, on rotation.
+    key = base64.b64decode(secret[len(b'whsec_'):])
+    message_id = b'msg_p5jXN8AQM9LWM0D4loKWxJek'
+    signed = b'%s.%d.%s' % (message_id, now, body)
+    return {kind + '-id': message_id.decode(), kind + '-timestamp': str(now),
+            kind + '-signature': 'v1,%s v1,%s' % (base64_mac(b'old', signed),
+                                                  base64_mac(key, signed))}
+
+
+def svix(secret, body, now):
+    return standard(secret, body, now, kind='svix')
+
+
+def paddle(secret, body, now):
+    # developer.paddle.com, "Verify webhook signatures": "{ts}:{body}"
+    return {'Paddle-Signature': 'ts=%d;h1=%s' % (
+        now, hex_mac(secret, b'%d:%s' % (now, body)))}
+
+
+def custom_hex(secret, body, now):
+    return {'X-Checksum': hex_mac(secret, body)}
+
+
+def custom_prefixed(secret, body, now):
+    return {'X-Checksum': 'sha256=' + hex_mac(secret, body).upper()}
+
+
+def custom_base64(secret, body, now):
+    return {'X-Checksum': base64_mac(secret, body)}
+
+
+PLAIN_SECRET = b"It's a Secret to Everybody"
+STRIPE_SECRET = b'whsec_5Vh2DmnD8ZnwQHgTzlGxNY2zNcbKgnyQ'
+STANDARD_SECRET = b'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'
+# signer, the secret, the scheme logged, other settings
+SIGNERS = [
+    (github, PLAIN_SECRET, 'github', {}),
+    (github_sha1, PLAIN_SECRET, 'github', {}),
+    (gitlab, PLAIN_SECRET, 'gitlab', {}),
+    (stripe, STRIPE_SECRET, 'stripe', {}),
+    (slack, PLAIN_SECRET, 'slack', {}),
+    (shopify, PLAIN_SECRET, 'shopify', {}),
+    (standard, STANDARD_SECRET, 'standard', {}),
+    (svix, STANDARD_SECRET, 'standard', {}),
+    (paddle, b'pdl_ntfset_01gkpjp8bkm3tm53kdgkx6sms7_6h3qd3uFSi9YCD3OLYAShQI90'
+     b'XTI2h5iv', 'paddle', {}),
+    (custom_hex, PLAIN_SECRET, 'custom', {'WEBHOOK_SIGNATURE_HEADER': 'X-Checksum'}),
+    (custom_prefixed, PLAIN_SECRET, 'custom',
+     {'WEBHOOK_SIGNATURE_HEADER': 'x-checksum'}),
+    (custom_base64, PLAIN_SECRET, 'custom',
+     {'WEBHOOK_SIGNATURE_HEADER': 'X-CHECKSUM'}),
+]
+SIGNER_IDS = [signer.__name__ for signer, *rest in SIGNERS]
+
+
+def send_signed(server, signer, secret, body, sent=None, chunked=False,
+                now=None):
+    """POST body signed by signer with secret, or send `sent` in its place;
+    the answer's key, its status and its body."""
+    headers = signer(secret, body, int(time.time()) if now is None else now)
+    sent = body if sent is None else sent
+    conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=5)
+    if chunked:     # in two chunks, the second of one byte
+        conn.request('POST', '/hook', body=iter([sent[:-1], sent[-1:]]),
+                     headers=headers, encode_chunked=True)
+    else:
+        conn.request('POST', '/hook', body=sent, headers=headers)
+    answer = conn.getresponse()
+    data = answer.read()
+    conn.close()
+    return answer.getheader('X-Request-Id'), answer.status, data
+
+
+def test_the_documented_examples_of_senders_are_reproduced():
+    # The examples in GitHub's, Slack's and Standard Webhooks' documents,
+    # byte for byte: the signers above make what the senders make.
+    assert github(b"It's a Secret to Everybody", b'Hello, World!', 0) == {
+        'X-Hub-Signature-256': 'sha256=757107ea0eb2509fc211221cce984b8a3757'
+        '0b6d7586c22c46f4379c8b043e17'}
+    slack_body = (
+        b'token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteam'
+        b'now&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_'
+        b'name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A'
+        b'%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmi'
+        b'bIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d'
+        b'2c447fce8b6703c')
+    assert slack(b'8f742231b10e8888abcd99yyyzzz85a5', slack_body,
+                 1531420618)['X-Slack-Signature'] == (
+        'v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503')
+    assert standard(STANDARD_SECRET, b'{"test": 2432232314}', 1614265330)[
+        'webhook-signature'].split()[1] == \
+        'v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE='
+
+
+@pytest.mark.parametrize('formatter', [kek.TextFormatter, kek.JsonFormatter],
+                         ids=['text', 'json'])
+@pytest.mark.parametrize('signer, secret, scheme, settings', SIGNERS,
+                         ids=SIGNER_IDS)
+def test_a_signature_is_ok_and_a_wrong_secret_or_changed_body_a_mismatch(
+        tmp_path, configure, formatter, signer, secret, scheme, settings):
+    configure(WEBHOOK_SECRET=secret.decode(), **settings)
+    server = Trap(tmp_path, formatter())
+    body = b'{"action": "opened", "number": 1347}'
+    try:
+        for chunked in (False, True):
+            ok = send_signed(server, signer, secret, body, chunked=chunked)
+            wrong = send_signed(server, signer, b'whsec_' + base64.b64encode(
+                secret[::-1]), body, chunked=chunked)
+            changed = send_signed(server, signer, secret, body,
+                                  body.replace(b'1347', b'1348'),
+                                  chunked=chunked)
+            assert signatures(server, ok[0]) == ['signature ok: ' + scheme]
+            assert signatures(server, wrong[0]) == [
+                'signature mismatch: ' + scheme]
+            # A GitLab token signs no body: a changed one is still ok.
+            assert signatures(server, changed[0]) == [
+                'signature %s: %s' % ('ok' if scheme == 'gitlab' else
+                                      'mismatch', scheme)]
+            assert messages(server, changed[0], 'WARNING') == (
+                [] if scheme == 'gitlab' else ['signature mismatch: ' + scheme])
+            # The answer is the same whatever the verdict: no oracle.
+            for key, status, data in (ok, wrong, changed):
+                assert (status, json.loads(data)) == (200, {
+                    'request': key, 'status': 'error',
+                    'errors': ['method POST is not allowed',
+                               'path /hook is not /api']})
+    finally:
+        server.stop()
+    log = server.text_of_log()
+    assert secret not in log and secret[6:] not in log
+
+
+def every_part(text, size=12):
+    """Every piece of size characters of text."""
+    return {text[start:start + size] for start in range(len(text) - size + 1)}
+
+
+def test_no_secret_nor_expected_mac_reaches_the_log_stderr_or_answers(
+        tmp_path, configure, capfd):
+    """Nor any 12 characters of them, in hex or base64."""
+    answers = b''
+    parts = every_part(STANDARD_SECRET[6:])
+    signature_headers = set(dict(kek.SIGNATURE_SCHEMES)) | {'x-checksum'}
+    server = Trap(tmp_path, kek.JsonFormatter())
+    try:
+        for signer, secret, scheme, settings in SIGNERS:
+            configure(WEBHOOK_SECRET=secret.decode(), **settings)
+            parts |= every_part(secret)
+            body = b'{"event": "%s"}\n' % signer.__name__.encode()
+            for sent in (body, body[:-1], body + b' '):
+                now = int(time.time())
+                # What was sent, and what would be expected of what was sent.
+                for headers in (signer(secret, body, now),
+                                signer(secret, sent, now)):
+                    for name, value in headers.items():
+                        if name.lower() in signature_headers:
+                            parts |= every_part(value.encode())
+                key, status, data = send_signed(server, signer, secret, body,
+                                                sent, now=now)
+                answers += data
+                assert len(signatures(server, key)) == 1
+    finally:
+        server.stop()
+    out, err = capfd.readouterr()
+    written = server.text_of_log() + out.encode() + err.encode() + answers
+    assert len(parts) > 1000
+    assert [part for part in parts if part in written] == []
+
+
+def test_a_body_without_a_known_signature_is_absent_and_no_body_says_nothing(
+        trap, configure):
+    configure(WEBHOOK_SECRET='s')
+    key = trap.request('POST', body=b'{}', headers={
+        'X-Signature': 'abc'})[0].getheader('X-Request-Id')
+    assert messages(trap, key, 'WARNING') == ['signature absent']
+    key = trap.request('GET')[0].getheader('X-Request-Id')
+    assert signatures(trap, key) == []
+    # A signature header with no body is still checked: of the empty body.
+    key = trap.request('POST', headers=github(b's', b'', 0))[0].getheader(
+        'X-Request-Id')
+    assert signatures(trap, key) == ['signature ok: github']
+
+
+def test_without_a_secret_no_signature_is_checked(trap):
+    key = trap.request('POST', body=b'{}', headers=github(
+        b's', b'{}', 0))[0].getheader('X-Request-Id')
+    assert signatures(trap, key) == []
+    assert messages(trap, key, 'WARNING') == []
+
+
+def test_several_signatures_get_a_record_each(trap, configure):
+    configure(WEBHOOK_SECRET='s', WEBHOOK_SIGNATURE_HEADER='X-Checksum')
+    body = b'payload'
+    headers = dict(github(b's', body, 0), **github_sha1(b'x', body, 0))
+    headers.update(shopify(b's', body, 0), **custom_hex(b's', body, 0))
+    key = trap.request('POST', body=body, headers=headers)[0].getheader(
+        'X-Request-Id')
+    # X-Hub-Signature-256 is read, and its older SHA-1 twin left alone.
+    assert signatures(trap, key) == ['signature ok: github',
+                                     'signature ok: shopify',
+                                     'signature ok: custom']
+
+
+@pytest.mark.parametrize('signer, tolerance', [
+    (stripe, 300), (slack, 300), (standard, 300), (paddle, 5)])
+def test_a_timestamp_older_than_the_senders_tolerance_is_said(
+        trap, configure, signer, tolerance):
+    secret = STANDARD_SECRET if signer is standard else b'whsec_abc'
+    configure(WEBHOOK_SECRET=secret.decode())
+    now = int(time.time())
+    scheme = 'standard' if signer is standard else signer.__name__
+    body = b'{"id": 1}'
+    said = []
+    for age in (tolerance - 2, tolerance + 60, -(tolerance + 60)):
+        said += signatures(trap, send_signed(trap, signer, secret, body,
+                                             now=now - age)[0])
+    wrong = send_signed(trap, signer, b'whsec_b3RoZXI=', body, now=now - 3600)
+    said += signatures(trap, wrong[0])
+    # The clock may tick between signing and checking: the age said is
+    # checked apart, to a second or two.
+    ages = [int(age) for age in re.findall(r'timestamp is (\d+) s', ' '.join(said))]
+    assert [abs(age - expected) <= 2 for age, expected in
+            zip(ages, (tolerance + 60, tolerance + 60, 3600))] == [True] * 3
+    said = [re.sub(r'timestamp is \d+ s', 'timestamp is N s', message)
+            for message in said]
+    allows = '(%s allows %d s)' % (scheme, tolerance)
+    assert said == [
+        'signature ok: %s' % scheme,
+        'signature ok: %s; but its timestamp is N s old %s' % (scheme, allows),
+        'signature ok: %s; but its timestamp is N s in the future %s'
+        % (scheme, allows),
+        'signature mismatch: %s; its timestamp is N s old %s' % (scheme, allows)]
+
+
+@pytest.mark.parametrize('ending, said', [
+    (b'\n', 'newline'), (b'\r\n', 'CRLF')])
+@pytest.mark.parametrize('chunked', [False, True], ids=['length', 'chunked'])
+def test_a_body_that_would_match_without_its_last_newline_says_so(
+        trap, configure, ending, said, chunked):
+    configure(WEBHOOK_SECRET='s')
+    body = b'{"a": 1}'
+    key = send_signed(trap, github, b's', body, body + ending,
+                      chunked=chunked)[0]
+    assert signatures(trap, key) == [
+        'signature mismatch: github; it would match the body without its last '
+        + said]
+    # Without the ending, or with something else at the end, no such hint.
+    for sent in (body + b'x' + ending, body + b'\n\n', body[:-1]):
+        key = send_signed(trap, github, b's', body, sent, chunked=chunked)[0]
+        assert signatures(trap, key) == ['signature mismatch: github']
+
+
+def test_a_body_fed_in_pieces_of_every_size_gives_the_same_mac(configure):
+    configure(WEBHOOK_SECRET='s')
+    body = b'0123456789abcdef\r\n'
+    request = kek.Request('key', time.monotonic(), 'client')
+    request.headers = {'x-hub-signature-256': github(b's', body[:-2], 0)[
+        'X-Hub-Signature-256']}
+    for size in range(1, len(body) + 1):
+        [signature] = kek.signatures_of(request)
+        for start in range(0, len(body), size):
+            signature.add(body[start:start + size])
+        assert signature.verdict() == ('mismatch: github; it would match the'
+                                       ' body without its last CRLF')
+
+
+@pytest.mark.parametrize('signer, secret, meant, said', [
+    # Stripe's whsec_ secret is the key as it is; signed with it decoded:
+    (stripe, STRIPE_SECRET, base64.b64decode(STRIPE_SECRET[6:]),
+     'stripe; it would match with the secret base64-decoded after whsec_'),
+    # Standard Webhooks' is decoded; signed with it as it is:
+    (standard, STANDARD_SECRET, b'whsec_' + base64.b64encode(STANDARD_SECRET),
+     'standard; it would match with the secret as it is, not base64-decoded'),
+])
+def test_a_secret_in_its_other_form_is_said(trap, configure, signer, secret,
+                                            meant, said):
+    configure(WEBHOOK_SECRET=secret.decode())
+    key = send_signed(trap, signer, meant, b'{}')[0]
+    assert signatures(trap, key) == ['signature mismatch: ' + said]
+
+
+def test_a_secret_with_no_other_form_gives_no_such_hint(trap, configure):
+    configure(WEBHOOK_SECRET='not base64!')
+    key = send_signed(trap, stripe, b'other', b'{}')[0]
+    assert signatures(trap, key) == ['signature mismatch: stripe']
+    configure(WEBHOOK_SECRET='whsec_not base64!')
+    key = send_signed(trap, github, b'other', b'{}')[0]
+    assert signatures(trap, key) == ['signature mismatch: github']
+    # Only what follows whsec_, and only when it is all base64, is decoded.
+    configure(WEBHOOK_SECRET='whsec_ab!cd')
+    key = send_signed(trap, github, base64.b64decode('abcd'), b'{}')[0]
+    assert signatures(trap, key) == ['signature mismatch: github']
+    configure(WEBHOOK_SECRET='abcd')
+    key = send_signed(trap, stripe, base64.b64decode('abcd'), b'{}')[0]
+    assert signatures(trap, key) == ['signature mismatch: stripe']
+
+
+@pytest.mark.parametrize('headers, said', [
+    ({'X-Hub-Signature-256': 'md5=abc'}, 'github; not sha256=SIGNATURE'),
+    ({'X-Hub-Signature-256': 'sha256=' + 'g' * 64},
+     'github; a signature that is not 64 hex digits'),
+    ({'X-Hub-Signature-256': 'sha256=' + 'a' * 63},
+     'github; a signature that is not 64 hex digits'),
+    ({'X-Hub-Signature': 'sha1=' + 'a' * 64},
+     'github; a signature that is not 40 hex digits'),
+    ({'Stripe-Signature': 'v1=' + 'a' * 64}, 'stripe; not t=TIMESTAMP,v1=SIGNATURE'),
+    ({'Stripe-Signature': 't=1,t=2,v1=' + 'a' * 64},
+     'stripe; not t=TIMESTAMP,v1=SIGNATURE'),
+    ({'Stripe-Signature': 't=1,v0=' + 'a' * 64},
+     'stripe; not t=TIMESTAMP,v1=SIGNATURE'),
+    ({'Stripe-Signature': 't=1e9,v1=' + 'a' * 64},
+     'stripe; its timestamp is not a number of seconds'),
+    ({'Stripe-Signature': 't=%s,v1=%s' % ('9' * 13, 'a' * 64)},
+     'stripe; its timestamp is not a number of seconds'),
+    ({'X-Slack-Signature': 'v1=' + 'a' * 64}, 'slack; not v0=SIGNATURE'),
+    ({'X-Slack-Signature': 'v0=' + 'a' * 64},
+     'slack; no X-Slack-Request-Timestamp'),
+    ({'X-Slack-Signature': 'v0=' + 'a' * 64,
+      'X-Slack-Request-Timestamp': '-5'},
+     'slack; its timestamp is not a number of seconds'),
+    ({'X-Shopify-Hmac-Sha256': 'a' * 64},
+     'shopify; a signature that is not the base64 of an HMAC-SHA256'),
+    ({'webhook-signature': 'v1,' + 'A' * 43 + '='},
+     'standard; no webhook-id or webhook-timestamp'),
+    ({'svix-signature': 'v1,' + 'A' * 43 + '=', 'svix-id': 'm'},
+     'standard; no svix-id or svix-timestamp'),
+    ({'webhook-signature': 'v1a,' + 'A' * 43 + '=', 'webhook-id': 'm',
+      'webhook-timestamp': '1'}, 'standard; no v1,SIGNATURE'),
+    ({'Paddle-Signature': 'ts=1'}, 'paddle; not ts=TIMESTAMP;h1=SIGNATURE'),
+    ({'Paddle-Signature': 'ts=1;ts=2;h1=' + 'a' * 64},
+     'paddle; not ts=TIMESTAMP;h1=SIGNATURE'),
+    ({'X-Checksum': 'sha256=' + 'a' * 40},
+     'custom; not the hex or base64 of an HMAC-SHA256'),
+])
+def test_a_signature_that_cannot_be_read_is_malformed(trap, configure, headers,
+                                                       said):
+    configure(WEBHOOK_SECRET='s', WEBHOOK_SIGNATURE_HEADER='X-Checksum')
+    key = trap.request('POST', body=b'{}', headers=headers)[0].getheader(
+        'X-Request-Id')
+    assert messages(trap, key, 'WARNING') == ['signature malformed: ' + said]
+
+
+def test_a_wrong_gitlab_token_is_a_mismatch_in_constant_time(trap, configure,
+                                                             monkeypatch):
+    configure(WEBHOOK_SECRET='s3cret')
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(kek.hmac, 'compare_digest',
+                        lambda a, b: compared.append((a, b)) or real(a, b))
+    key = trap.request('POST', body=b'x', headers={
+        'X-Gitlab-Token': 's3cre'})[0].getheader('X-Request-Id')
+    assert signatures(trap, key) == ['signature mismatch: gitlab']
+    assert compared == [(b's3cre', b's3cret')]
+
+
+def answer_headers(server, data):
+    """The headers of the answer to one request sent raw, and its key."""
+    with server.connect() as sock:
+        sock.sendall(data)
+        [(status, headers, body)] = parse_responses(recv_until_closed(sock))
+    return headers, headers['X-Request-Id']
+
+
+def cors_of(headers):
+    return {name: value for name, value in headers.items()
+            if name.startswith('Access-Control-') or name == 'Vary'}
+
+
+def preflight(origin='https://app.example', method='PUT', extra=b''):
+    return (b'OPTIONS /api HTTP/1.1\r\nHost: x\r\nOrigin: %s\r\n'
+            b'Access-Control-Request-Method: %s\r\n%sConnection: close\r\n\r\n'
+            % (origin.encode(), method.encode(), extra))
+
+
+CORS_ANSWER = {'Access-Control-Allow-Origin': 'https://app.example',
+               'Access-Control-Allow-Credentials': 'true',
+               'Access-Control-Expose-Headers': 'X-Request-Id',
+               'Vary': 'Origin'}
+
+
+def test_a_request_with_an_origin_may_be_read_by_its_page(trap):
+    headers, key = answer_headers(trap, H + b'Origin: https://app.example\r\n'
+                                  b'Connection: close\r\n\r\n')
+    assert cors_of(headers) == CORS_ANSWER
+    # Asking for a preflight's headers outside an OPTIONS gets none of them.
+    headers, key = answer_headers(trap, H.replace(b'GET', b'PUT') +
+                                  b'Origin: https://app.example\r\n'
+                                  b'Access-Control-Request-Method: PUT\r\n'
+                                  b'Connection: close\r\n\r\n')
+    assert cors_of(headers) == CORS_ANSWER
+    assert not [m for m in messages(trap, key) if m.startswith('preflight')]
+
+
+def test_a_preflight_gets_what_it_asked_for_and_is_logged(trap):
+    headers, key = answer_headers(trap, preflight(extra=(
+        b'Access-Control-Request-Headers: content-type,x-trace-id\r\n'
+        b'Access-Control-Request-Private-Network: true\r\n')))
+    assert cors_of(headers) == dict(CORS_ANSWER, **{
+        'Access-Control-Allow-Methods': 'PUT',
+        'Access-Control-Allow-Headers': 'content-type,x-trace-id',
+        'Access-Control-Max-Age': str(kek.PREFLIGHT_MAX_AGE),
+        'Access-Control-Allow-Private-Network': 'true'})
+    assert kek.PREFLIGHT_MAX_AGE == 600
+    # Named as a preflight, beside the usual checks: OPTIONS is no GET.
+    assert messages(trap, key)[1:] == [
+        'preflight for PUT from https://app.example, headers content-type,'
+        ' x-trace-id', 'method OPTIONS is not allowed',
+        'responded 200 status=error; closing the connection']
+
+
+@pytest.mark.parametrize('extra, allowed', [
+    (b'', {}),
+    (b'Access-Control-Request-Headers: X-A , x-b\t,x-c\r\n',
+     {'Access-Control-Allow-Headers': 'X-A , x-b\t,x-c'}),
+    (b'Access-Control-Request-Headers: %s\r\n' % (b'x' * 256),
+     {'Access-Control-Allow-Headers': 'x' * 256}),
+    (b'Access-Control-Request-Headers: %s\r\n' % (b'x' * 257), {}),
+    (b'Access-Control-Request-Headers: x-a; y\r\n', {}),
+    (b'Access-Control-Request-Headers: x-a,\r\n', {}),
+    (b'Access-Control-Request-Headers: ,\r\n', {}),
+    (b'Access-Control-Request-Headers: x-\xff\r\n', {}),
+    (b'Access-Control-Request-Headers: %s\r\n' % b','.join([b'h'] * 101),
+     {'Access-Control-Allow-Headers': ','.join(['h'] * 101)}),
+    (b'Access-Control-Request-Headers: %s\r\n' % b','.join([b'h'] * 102), {}),
+    (b'Access-Control-Request-Private-Network: false\r\n', {}),
+    (b'Access-Control-Request-Private-Network: TRUE\r\n',
+     {'Access-Control-Allow-Private-Network': 'true'}),
+])
+def test_a_preflight_gets_asked_headers_only_when_they_are_a_token_list(
+        trap, extra, allowed):
+    headers, key = answer_headers(trap, preflight(extra=extra))
+    assert cors_of(headers) == dict(CORS_ANSWER, **{
+        'Access-Control-Allow-Methods': 'PUT', 'Access-Control-Max-Age': '600'},
+        **allowed)
+
+
+@pytest.mark.parametrize('method', ['PU T', 'PUT,GET', 'P' * 33, ''])
+def test_a_preflight_for_a_method_that_is_no_token_gets_no_methods(trap,
+                                                                   method):
+    headers, key = answer_headers(trap, preflight(method=method))
+    assert 'Access-Control-Allow-Methods' not in headers
+    assert headers['Access-Control-Allow-Origin'] == 'https://app.example'
+    # No headers asked, none said.
+    assert messages(trap, key)[1] == ('preflight for %s from'
+                                      ' https://app.example' % method)
+
+
+@pytest.mark.parametrize('origin', [
+    'null', 'https://app.example/', 'https://app.example/path',
+    'https://user@app.example', 'https://app.example:123456', 'app.example',
+    'https://app example', 'https://app.example, https://b.example', '*',
+    'https://', '%s://x' % ('a' * 33), 'https://%s' % ('a' * 254),
+    'https://[::1', 'https://app.example?x', 'javascript:alert(1)'])
+def test_an_origin_that_is_no_serialized_origin_gets_no_cors_header(trap,
+                                                                     origin):
+    headers, key = answer_headers(trap, preflight(origin=origin, extra=(
+        b'Access-Control-Request-Headers: x-a\r\n')))
+    assert cors_of(headers) == {}
+    # Still named as a preflight, its origin shown as sent (and cut).
+    [said] = [m for m in messages(trap, key) if m.startswith('preflight')]
+    assert said.startswith('preflight for PUT from %s' % origin[:100])
+    assert said.endswith(', headers x-a')
+
+
+@pytest.mark.parametrize('origin', [
+    'http://localhost:8080', 'https://[2001:db8::1]:443', 'http://127.0.0.1',
+    'chrome-extension://abcdefghijklmnop', 'https://xn--bcher-kva.example',
+    'HTTPS://APP.EXAMPLE'])
+def test_a_serialized_origin_is_allowed_as_sent(trap, origin):
+    headers, key = answer_headers(trap, H + b'Origin: %s\r\n'
+                                  b'Connection: close\r\n\r\n' % origin.encode())
+    assert headers['Access-Control-Allow-Origin'] == origin
+
+
+def test_with_cors_off_no_access_control_header_but_preflights_named(
+        json_trap, configure):
+    configure(CORS='off')
+    headers, key = answer_headers(json_trap, preflight(extra=(
+        b'Access-Control-Request-Headers: content-type\r\n'
+        b'Access-Control-Request-Private-Network: true\r\n')))
+    assert cors_of(headers) == {}
+    assert messages(json_trap, key)[1] == (
+        'preflight for PUT from https://app.example, headers content-type')
+
+
+def test_a_preflight_without_origin_or_method_is_an_options_request(trap):
+    for data in (preflight().replace(b'Origin', b'X-Origin'),
+                 preflight().replace(b'Access-Control-Request-Method',
+                                     b'X-Method')):
+        headers, key = answer_headers(trap, data)
+        assert 'Access-Control-Allow-Methods' not in headers
+        assert messages(trap, key)[1] == 'method OPTIONS is not allowed'
+
+
+def test_a_refused_request_with_an_origin_is_readable_by_its_page(trap):
+    headers, key = answer_headers(trap, b'POST /api HTTP/1.1\r\nHost: x\r\n'
+                                  b'Origin: https://app.example\r\n'
+                                  b'Content-Length: x\r\n\r\n')
+    assert cors_of(headers) == CORS_ANSWER
+    headers, key = answer_headers(trap, b'GET /api HTTP/9.9\r\n'
+                                  b'Origin: https://app.example\r\n\r\n')
+    assert cors_of(headers) == {}       # its head never parsed
+
+
 # -- The connection ------------------------------------------------------------
 
 def test_methods_fall_back_to_do_get_but_other_names_do_not(harness):
@@ -3064,7 +3644,8 @@ class Process:
     def __init__(self, tmp_path, env=None, args=(), log_file=True, **popen):
         self.log_path = tmp_path / 'kek.log'
         environ = dict(os.environ, PORT='0', HOST='127.0.0.1')
-        for name in ('LOG_FILE', 'LOG_FORMAT', 'LOG_HEADERS', 'LOG_BODY'):
+        for name in ('LOG_FILE', 'LOG_FORMAT', 'LOG_HEADERS', 'LOG_BODY',
+                     'CORS', 'WEBHOOK_SECRET', 'WEBHOOK_SIGNATURE_HEADER'):
             environ.pop(name, None)
         if log_file:
             environ['LOG_FILE'] = str(self.log_path)
@@ -3146,23 +3727,29 @@ def test_defaults_are_the_documented_ones():
     assert kek.read_settings([], {}) == {
         'host': '0.0.0.0', 'host_name': 'HOST', 'port': 8000,
         'port_name': 'PORT', 'log_format': 'text', 'log_file': None,
-        'log_headers': True, 'log_body': 1024}
+        'log_headers': True, 'log_body': 1024, 'cors': True,
+        'webhook_secret': None, 'webhook_signature_header': None}
 
 
 def test_every_setting_has_its_largest_value():
     assert kek.read_settings(['--port', '65535'], {
         'LOG_BODY': '65536', 'LOG_HEADERS': 'off', 'LOG_FORMAT': 'json',
-        'LOG_FILE': 'x.log', 'HOST': '::1'}) == {
+        'LOG_FILE': 'x.log', 'HOST': '::1', 'CORS': 'off',
+        'WEBHOOK_SECRET': 's\udcff', 'WEBHOOK_SIGNATURE_HEADER': 'X-' + 'A' * 254
+    }) == {
         'host': '::1', 'host_name': 'HOST', 'port': 65535,
         'port_name': '--port', 'log_format': 'json', 'log_file': 'x.log',
-        'log_headers': False, 'log_body': 65536}
+        'log_headers': False, 'log_body': 65536, 'cors': False,
+        # the secret's bytes as they were in the environment
+        'webhook_secret': b's\xff', 'webhook_signature_header': 'x-' + 'a' * 254}
 
 
 def test_help_names_every_setting_with_its_default():
     out = subprocess.run([sys.executable, KEK, '--help'], capture_output=True,
                          text=True, timeout=10).stdout
     for setting in ('--port', '--host', 'PORT=N', 'HOST=H', 'LOG_FILE=PATH',
-                    'LOG_FORMAT=F', 'LOG_HEADERS=X', 'LOG_BODY=N',
+                    'LOG_FORMAT=F', 'LOG_HEADERS=X', 'LOG_BODY=N', 'CORS=X',
+                    'WEBHOOK_SECRET=S', 'WEBHOOK_SIGNATURE_HEADER=NAME',
                     '(default 8000)', '(default 0.0.0.0)', '(default text)',
                     '(default on)', '(default 1024)', 'standard output)',
                     'KEY +OFFSETms LEVEL WHERE MESSAGE'):
@@ -3213,6 +3800,29 @@ def test_arguments_win_over_the_environment(tmp_path):
      " bytes (0-65536)"),
     ({'LOG_BODY': '9' * 5000}, [], "kek: LOG_BODY='%s' is not a number of"
      " bytes (0-65536)" % ('9' * 5000)),
+    ({'CORS': 'yes'}, [], "kek: CORS='yes' is not one of on, off"),
+    ({'WEBHOOK_SECRET': ''}, [], 'kek: WEBHOOK_SECRET is empty: set the'
+     ' secret, or leave it unset to check no signature'),
+    ({'WEBHOOK_SIGNATURE_HEADER': 'X-Sig'}, [], "kek: WEBHOOK_SIGNATURE_HEADER"
+     "='X-Sig' needs WEBHOOK_SECRET, the secret it is made with"),
+    ({'WEBHOOK_SECRET': 's', 'WEBHOOK_SIGNATURE_HEADER': 'X Sig'}, [],
+     "kek: WEBHOOK_SIGNATURE_HEADER='X Sig' is not a header name"),
+    ({'WEBHOOK_SECRET': 's', 'WEBHOOK_SIGNATURE_HEADER': ''}, [],
+     "kek: WEBHOOK_SIGNATURE_HEADER='' is not a header name"),
+    ({'WEBHOOK_SECRET': 's', 'WEBHOOK_SIGNATURE_HEADER': 'X' * 257}, [],
+     "kek: WEBHOOK_SIGNATURE_HEADER='%s' is not a header name" % ('X' * 257)),
+    ({'WEBHOOK_SECRET': 's', 'WEBHOOK_SIGNATURE_HEADER': 'Stripe-Signature'},
+     [], "kek: WEBHOOK_SIGNATURE_HEADER='Stripe-Signature' is already read as"
+     " stripe signs"),
+    # A secret given as an argument is named, never shown.
+    ({}, ['--webhook-secret', 'S3CR3T'], 'kek: --webhook-secret: a secret is'
+     ' never an argument (a command line is seen by every user of the'
+     ' machine); set WEBHOOK_SECRET in the environment'),
+    ({}, ['--port', '0', '-WEBHOOK_SECRET=S3CR3T'], 'kek: -WEBHOOK_SECRET: a'
+     ' secret is never an argument (a command line is seen by every user of'
+     ' the machine); set WEBHOOK_SECRET in the environment'),
+    ({'WEBHOOK_SECRET': 'S3CR3T', 'PORT': 'x'}, [],
+     "kek: PORT='x' is not a port number (0-65535)"),
 ])
 def test_bad_setting_is_one_line_on_stderr_and_exit_2(capfd, env, args,
                                                       says):
@@ -3228,6 +3838,35 @@ def test_a_bad_setting_stops_the_process_with_status_2_and_no_traceback(
     assert kek_process.proc.returncode == 2
     assert (out, err) == ('', "kek: PORT='abc' is not a port number"
                           " (0-65535)\n")
+
+
+def test_a_process_with_a_secret_checks_signatures_and_never_shows_it(
+        tmp_path):
+    secret = 'S3CR3T-of-the-hooks'
+    kek_process = Process(tmp_path, env={
+        'WEBHOOK_SECRET': secret, 'WEBHOOK_SIGNATURE_HEADER': 'X-Checksum',
+        'CORS': 'off'})
+    kek_process.wait_listening()
+    body = b'{"zen": "Design for failure."}'
+    conn = http.client.HTTPConnection('127.0.0.1', kek_process.port, timeout=5)
+    conn.request('POST', '/api', body=body, headers=dict(
+        github(secret.encode(), body, 0), **custom_hex(b'other', body, 0),
+        Origin='https://app.example'))
+    answer = conn.getresponse()
+    data = answer.read()
+    conn.close()
+    status, out, err = kek_process.stop()
+    assert status == 0 and out == ''
+    assert not [name for name in answer.headers if name.startswith('Access-')]
+    key = answer.getheader('X-Request-Id')
+    log = kek_process.log_path.read_text()
+    said = [line.split(' query ', 1)[1] for line in log.splitlines()
+            if line.startswith(key + ' ') and ' signature ' in line]
+    assert said == ['signature ok: github', 'signature mismatch: custom']
+    assert '"X-Checksum", "<64 bytes>"' in log
+    for written in (log, err, data.decode()):
+        assert secret not in written and hex_mac(secret.encode(), body) \
+            not in written
 
 
 def test_port_in_use_is_a_bad_setting(tmp_path):
