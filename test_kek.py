@@ -2161,6 +2161,17 @@ def test_a_body_that_would_match_without_its_last_newline_says_so(
         assert signatures(trap, key) == ['signature mismatch: github']
 
 
+@pytest.mark.parametrize('digest', ['sha256', 'sha1'])
+@pytest.mark.parametrize('size', [0, 1, 63, 64, 65, 200])
+def test_the_keyed_hashes_make_the_hmac_of_the_hmac_module(digest, size):
+    key = bytes(range(256))[:size]
+    [(inner, outer)] = kek.keyed_hashes(key, 'github', digest)
+    inner, outer = inner.copy(), outer.copy()
+    inner.update(b'what was signed')
+    outer.update(inner.digest())
+    assert outer.digest() == hmac.new(key, b'what was signed', digest).digest()
+
+
 def test_a_body_fed_in_pieces_of_every_size_gives_the_same_mac(configure):
     configure(WEBHOOK_SECRET='s')
     body = b'0123456789abcdef\r\n'
@@ -2241,7 +2252,8 @@ def test_a_secret_with_no_other_form_gives_no_such_hint(trap, configure):
     ({'Paddle-Signature': 'ts=1;ts=2;h1=' + 'a' * 64},
      'paddle; not ts=TIMESTAMP;h1=SIGNATURE'),
     ({'X-Checksum': 'sha256=' + 'a' * 40},
-     'custom; not the hex or base64 of an HMAC-SHA256'),
+     'custom; a signature that is not the base64 of an HMAC-SHA256'),
+    ({'X-Checksum': 'g' * 64}, 'custom; a signature that is not 64 hex digits'),
 ])
 def test_a_signature_that_cannot_be_read_is_malformed(trap, configure, headers,
                                                        said):

@@ -4,7 +4,9 @@
 #   .bench/compare.sh [NAME ...]      (from anywhere; default: kek aiohttp_app twisted_web flask_dev)
 #
 # Environment: ROUNDS=3, SCEN="a b c d" (see run.sh; e is a webhook-like POST), DURATION=10, PIN=1 (server on core 0,
-# wrk on core 1), OUT=/tmp/kek-bench/compare, LOG_FORMAT (kek's; the peers always log text). Installs wrk
+# wrk on core 1), OUT=/tmp/kek-bench/compare, LOG_FORMAT and
+# WEBHOOK_SECRET (kek's: the peers log text and check nothing; webhook.lua's signature is made with
+# WEBHOOK_SECRET=kek-bench-secret). Installs wrk
 # and the peers' pinned packages (.bench/requirements.txt) on first use, in a venv of their own
 # (BENCH_VENV), never the project's. Prints medians and each peer's ratio to kek.
 set -u

@@ -21,9 +21,10 @@ bench_setup() {
 server_cmd() {
     case "$1" in
         kek) CMD=("$SYS_PY" "$PROJECT/kek.py") ;;
+        kek_signed) CMD=(env WEBHOOK_SECRET=kek-bench-secret "$SYS_PY" "$PROJECT/kek.py") ;;  # checks webhook.lua's signature
         flask_dev|twisted_web|aiohttp_app) CMD=("$VENV_PY" "$BENCH/peers/$1.py") ;;
         stdlib_loop) CMD=("$SYS_PY" "$BENCH/peers/stdlib_loop.py") ;;   # kek's ceiling: no protections
-        *) echo "unknown server: $1 (known: $SERVERS_ALL stdlib_loop)" >&2; return 1 ;;
+        *) echo "unknown server: $1 (known: $SERVERS_ALL kek_signed stdlib_loop)" >&2; return 1 ;;
     esac
 }
 

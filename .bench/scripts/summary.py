@@ -8,7 +8,7 @@ import sys
 
 SCEN = {"a": "keep-alive, 16 conns", "b": "keep-alive, 64 conns, ok+error mix",
         "c": "Connection: close, 16 conns", "d": "1 conn (latency)",
-        "e": "keep-alive, 16 conns, webhook POST: 5 headers, 64-byte body"}
+        "e": "keep-alive, 16 conns, webhook POST: 6 headers (a GitHub signature), 64-byte body"}
 
 rows = collections.defaultdict(list)
 with open(sys.argv[1]) as f:
