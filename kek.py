@@ -1179,11 +1179,9 @@ def parse_query(query, limit=MAX_PARAMS):
 
 
 def target_path(path):
-    """The path of a request target (the part before '?') as sent; the
-    absolute form that proxies send (http://host/api) names its path after
-    the authority."""
-    if path.startswith('/'):
-        return path             # the origin form, by far the most common
+    """The path of a request target (the part before '?') that does not
+    start with '/': the absolute form that proxies send (http://host/api)
+    names its path after the authority; anything else is its own path."""
     scheme, sep, rest = path.partition('://')
     if sep and scheme.lower() in ('http', 'https'):
         return '/' + rest.partition('/')[2]

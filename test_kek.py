@@ -1105,6 +1105,24 @@ def test_a_multipart_body_is_summed_up_part_by_part(trap):
     assert b'PNG' not in trap.text_of_log()         # never a file's contents
 
 
+def test_a_multipart_text_field_that_is_not_text_shows_its_size(trap):
+    body = (b'--XyZ\r\nContent-Disposition: form-data; name="blob"\r\n\r\n'
+            b'\x00\x01\x02\xff\r\n--XyZ--\r\n')
+    answer, _ = trap.request('POST', body=body, headers={
+        'Content-Type': 'multipart/form-data; boundary=XyZ'})
+    record = body_record(trap, answer.getheader('X-Request-Id'))
+    assert json.loads(record.partition(' parts=')[2]) == [
+        {'name': 'blob', 'bytes': 4, 'value': '<4 bytes, binary>'}]
+
+
+def test_a_multipart_type_without_a_boundary_is_shown_as_any_body(trap):
+    answer, _ = trap.request('POST', body=MULTIPART, headers={
+        'Content-Type': 'multipart/form-data'})
+    record = body_record(trap, answer.getheader('X-Request-Id'))
+    assert ' parts=' not in record and ' preview_base64=' in record
+    assert b'S3CR3T' not in trap.text_of_log()    # its bytes, quoted by rule
+
+
 def test_a_multipart_body_is_read_part_by_part_in_any_pieces():
     for size in (1, 2, 3, 7, 64):
         summary = kek.MultipartSummary(b'XyZ')
@@ -1523,6 +1541,15 @@ def assert_refused(trap, data, error):
     refusal is logged and the connection closed; the server serves on."""
     assert outcomes(trap, data) == [error]
     assert trap.request()[0].status == 200
+
+
+def test_a_query_of_more_than_max_params_is_refused(trap):
+    def request(params):
+        return b'GET /api?%s HTTP/1.1\r\nHost: x\r\n\r\n' % b'&'.join(
+            [b'a=1'] * params)
+    assert outcomes(trap, request(kek.MAX_PARAMS)) == ['ok']
+    assert_refused(trap, request(kek.MAX_PARAMS + 1),
+                   'a query of more than 1000 parameters')
 
 
 @pytest.mark.parametrize('data, error, parsed', [
