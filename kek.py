@@ -1701,12 +1701,7 @@ class Signature:
         return None, None           # a token, compared to the secret
 
     def read_stripe(self, value, headers):
-        fields = [field.strip(' \t').partition('=') for field in value.split(',')]
-        timestamps = [v for k, _, v in fields if k == 't']
-        self.given = [self.hex(v, 64) for k, _, v in fields if k == 'v1']
-        if len(timestamps) != 1 or not self.given:
-            raise Malformed('not t=TIMESTAMP,v1=SIGNATURE')
-        return self.read_timestamp(timestamps[0]) + b'.', 'sha256'
+        return self.read_fields(value, ',', 't', 'v1') + b'.', 'sha256'
 
     def read_slack(self, value, headers):
         version, equals, mac = value.partition('=')
@@ -1737,12 +1732,7 @@ class Signature:
         return message_id + b'.' + timestamp + b'.', 'sha256'
 
     def read_paddle(self, value, headers):
-        fields = [field.strip(' \t').partition('=') for field in value.split(';')]
-        timestamps = [v for k, _, v in fields if k == 'ts']
-        self.given = [self.hex(v, 64) for k, _, v in fields if k == 'h1']
-        if len(timestamps) != 1 or not self.given:
-            raise Malformed('not ts=TIMESTAMP;h1=SIGNATURE')
-        return self.read_timestamp(timestamps[0]) + b':', 'sha256'
+        return self.read_fields(value, ';', 'ts', 'h1') + b':', 'sha256'
 
     def read_custom(self, value, headers):
         if value.startswith('sha256='):
@@ -1751,6 +1741,18 @@ class Signature:
         self.given = [self.hex(value, 64) if len(value) == 64
                       else self.base64(value)]
         return b'', 'sha256'
+
+    def read_fields(self, value, separator, time_name, mac_name):
+        """Stripe's t=TS,v1=MAC and Paddle's ts=TS;h1=MAC, with one or more
+        MACs (a secret being rolled signs twice): the timestamp, as signed."""
+        fields = [field.strip(' \t').partition('=')
+                  for field in value.split(separator)]
+        timestamps = [v for k, _, v in fields if k == time_name]
+        self.given = [self.hex(v, 64) for k, _, v in fields if k == mac_name]
+        if len(timestamps) != 1 or not self.given:
+            raise Malformed('not %s=TIMESTAMP%s%s=SIGNATURE'
+                            % (time_name, separator, mac_name))
+        return self.read_timestamp(timestamps[0])
 
     def read_timestamp(self, text):
         if not DIGITS.fullmatch(text) or len(text) > MAX_TIMESTAMP_DIGITS:
