@@ -287,6 +287,15 @@ class RequestLog(logging.LoggerAdapter):
         if not self.logger.isEnabledFor(level):
             return
         offset_ms = (time.monotonic() - self.extra['started']) * 1000
+        handlers = self.logger.handlers
+        if (not (args or exc_info or extra) and len(handlers) == 1
+                and type(handlers[0]) is LogWriter and level >= handlers[0].level):
+            # Only a message, as most records are, for kek's own writer
+            # alone: its line, without a LogRecord, which cost as much.
+            writer = handlers[0]
+            writer.add(writer.formatter.message_line(
+                self.extra, offset_ms, LEVEL_NAMES[level], msg))
+            return
         record = Record(level, msg, args, exc_info and sys.exc_info(),
                         self.extra, offset_ms, extra)
         for handler in self.logger.handlers:
@@ -326,17 +335,27 @@ class TextFormatter(logging.Formatter):
     value escaped in the grammar of its place."""
 
     def format(self, record):
-        if record.exc_info:
-            message = escape(self.with_traceback(record))
-        elif record.text_line:
-            message = record.text_line(record)
-        else:       # record.getMessage(), without its call: kek's are text
-            message = record.msg % record.args if record.args else record.msg
-            if not (message.isascii() and message.isprintable()
-                    and '\\' not in message):
-                message = escape(message)
-        return (f'{record.key} +{record.offset_ms:.3f}ms {record.levelname:<5}'
-                f' {record.where} {message}')
+        if record.text_line and not record.exc_info:
+            # Fields, each already escaped in the grammar of its place.
+            return self.line(record.__dict__, record.offset_ms,
+                             record.levelname, record.text_line(record))
+        message = (self.with_traceback(record) if record.exc_info
+                   else record.getMessage())
+        return self.message_line(record.__dict__, record.offset_ms,
+                                 record.levelname, message)
+
+    def message_line(self, context, offset_ms, levelname, message):
+        """The line of a record that is a message and nothing else, escaped:
+        format() writes such a record through it, and RequestLog calls it
+        without making a record at all.  context holds key and where."""
+        if not (message.isascii() and message.isprintable()
+                and '\\' not in message):
+            message = escape(message)
+        return self.line(context, offset_ms, levelname, message)
+
+    def line(self, context, offset_ms, levelname, text):
+        return (f'{context["key"]} +{offset_ms:.3f}ms {levelname:<5}'
+                f' {context["where"]} {text}')
 
     def with_traceback(self, record):
         """The message and its traceback, as they are: each format escapes."""
@@ -355,18 +374,22 @@ class JsonFormatter(TextFormatter):
     """
 
     def format(self, record):
-        if record.exc_info:
-            message = json_text(self.with_traceback(record))
-        else:
-            message = json_text(record.getMessage())
+        message = (self.with_traceback(record) if record.exc_info
+                   else record.getMessage())
+        return self.message_line(record.__dict__, record.offset_ms,
+                                 record.levelname, message, record.fields)
+
+    def message_line(self, context, offset_ms, levelname, message, fields=None):
+        key = context['key']
+        server = context['request'] is None     # its key is a time
         line = ('{"request": %s, "offset_ms": %.3f, "level": "%s", "where": "%s",'
-                ' "message": %s' % (
-                    'null' if record.request is None else '"%s"' % record.key,
-                    record.offset_ms, record.levelname, record.where, message))
-        if record.request is None:      # a server record: its key is a time
-            line += ', "time": "%s"' % record.key
-        if record.fields:   # the fields' own object, its '{' dropped, ends it
-            return line + ', ' + json_text(record.fields)[1:]
+                ' "message": %s' % ('null' if server else '"%s"' % key,
+                                    offset_ms, levelname, context['where'],
+                                    json_text(message)))
+        if server:
+            line += ', "time": "%s"' % key
+        if fields:      # the fields' own object, its '{' dropped, ends it
+            return line + ', ' + json_text(fields)[1:]
         return line + '}'
 
 
@@ -396,11 +419,13 @@ class LogWriter(logging.Handler):
         return fd
 
     def emit(self, record):
-        """Keep the record's line for flush(), which writes them once they
+        self.add(self.formatter.format(record))
+
+    def add(self, line):
+        """Keep a record's line for flush(), which writes them once they
         pass LOG_FLUSH_BYTES.  A list's append() needs no lock: a line another
         thread adds while flush() swaps the list lands in the old one, which
         is then written, or in the new one."""
-        line = self.formatter.format(record)
         self.lines.append(line)
         self.size += len(line)
         if self.size > LOG_FLUSH_BYTES:
@@ -1580,13 +1605,13 @@ def as_text(data):
 # The headers webhook senders sign with (SPEC 3, "Signatures"), and the
 # scheme of each; then how long after its timestamp the sender's own library
 # still takes a request (seconds).
-SIGNATURE_SCHEMES = (
-    ('x-hub-signature-256', 'github'), ('x-hub-signature', 'github'),
-    ('x-gitlab-token', 'gitlab'), ('stripe-signature', 'stripe'),
-    ('x-slack-signature', 'slack'), ('x-shopify-hmac-sha256', 'shopify'),
-    ('webhook-signature', 'standard'), ('svix-signature', 'standard'),
-    ('paddle-signature', 'paddle'))
-SIGNATURE_NAMES = frozenset(header for header, scheme in SIGNATURE_SCHEMES)
+SIGNATURE_SCHEMES = {           # of two headers of a scheme, the first is read
+    'x-hub-signature-256': 'github', 'x-hub-signature': 'github',
+    'x-gitlab-token': 'gitlab', 'stripe-signature': 'stripe',
+    'x-slack-signature': 'slack', 'x-shopify-hmac-sha256': 'shopify',
+    'webhook-signature': 'standard', 'svix-signature': 'standard',
+    'paddle-signature': 'paddle'}
+SIGNATURE_NAMES = frozenset(SIGNATURE_SCHEMES)
 TOLERANCES = {'stripe': 300, 'slack': 300, 'standard': 300, 'paddle': 5}
 MAX_TIMESTAMP_DIGITS = 12
 BASE64_MAC = re.compile('[A-Za-z0-9+/]{43}=')     # of a SHA-256
@@ -1606,13 +1631,16 @@ def signatures_of(request):
     if WEBHOOK_SECRET is None:
         return None
     headers = request.headers
+    names = SIGNATURE_NAMES.intersection(headers)
+    if len(names) > 1:
+        first = {}          # the first header of each scheme
+        for name in SIGNATURE_SCHEMES:
+            if name in names:
+                first.setdefault(SIGNATURE_SCHEMES[name], name)
+        names = first.values()
     found = []
-    if not SIGNATURE_NAMES.isdisjoint(headers):
-        schemes = set()
-        for header, scheme in SIGNATURE_SCHEMES:
-            if header in headers and scheme not in schemes:
-                schemes.add(scheme)
-                found.append(Signature(scheme, header, headers))
+    for name in names:
+        found.append(Signature(SIGNATURE_SCHEMES[name], name, headers))
     if WEBHOOK_SIGNATURE_HEADER in headers:
         found.append(Signature('custom', WEBHOOK_SIGNATURE_HEADER, headers))
     return found
@@ -1668,13 +1696,14 @@ class Signature:
     last newline, or the secret in its other form, would match, and never
     what the MAC is.  Comparisons take constant time."""
 
+    problem = None          # why it cannot be read
+    timestamp = None        # the time it says it was signed, if it says
+    held = b''              # the body's last two bytes so far
+
     def __init__(self, scheme, header, headers):
         self.scheme = scheme
-        self.problem = None         # why it cannot be read
-        self.timestamp = None
         self.given = []             # the MACs sent
-        self.macs = []              # for each form of the secret
-        self.held = b''             # the body's last two bytes so far
+        self.macs = []              # (inner, outer) for each form of the secret
         try:
             prefix, digest = getattr(self, 'read_' + scheme)(
                 headers[header], headers)
@@ -1684,7 +1713,8 @@ class Signature:
         if digest is not None:
             for inner, outer in keyed_hashes(WEBHOOK_SECRET, scheme, digest):
                 inner = inner.copy()
-                inner.update(prefix)
+                if prefix:
+                    inner.update(prefix)
                 self.macs.append((inner, outer))
 
     # How each scheme is read: the prefix of what is signed, and the digest.
@@ -1761,15 +1791,13 @@ class Signature:
         return text.encode()
 
     def hex(self, text, digits):
-        """The bytes of exactly `digits` hex digits.  bytes.fromhex() also
-        takes blanks between them: a shorter result means there were some."""
-        try:
-            mac = bytes.fromhex(text) if len(text) == digits else b''
-        except ValueError:
-            mac = b''
-        if len(mac) * 2 != digits:
-            raise Malformed('a signature that is not %d hex digits' % digits)
-        return mac
+        """The bytes of exactly `digits` hex digits."""
+        if len(text) == digits:
+            try:
+                return binascii.a2b_hex(text)
+            except binascii.Error:
+                pass
+        raise Malformed('a signature that is not %d hex digits' % digits)
 
     def base64(self, text):
         if not BASE64_MAC.fullmatch(text):
@@ -1781,8 +1809,10 @@ class Signature:
 
     def add(self, data):
         if len(data) >= 2:
+            held = self.held
             for inner, outer in self.macs:
-                inner.update(self.held)
+                if held:
+                    inner.update(held)
                 inner.update(memoryview(data)[:-2])
             self.held = bytes(data[-2:])
         else:
@@ -1812,18 +1842,19 @@ class Signature:
         if self.scheme == 'gitlab':
             ok = hmac.compare_digest(self.given[0], WEBHOOK_SECRET)
             return '%s: gitlab' % ('ok' if ok else 'mismatch')
-        age = self.age()
-        # Copies for the hints only when the body ends as a hint says.
-        inner, outer = self.macs[0]
-        cuts = [(cut, end, (inner.copy(), outer)) for cut, end in
-                ((1, b'\n'), (2, b'\r\n')) if self.held.endswith(end)]
-        if self.matches(self.macs[0]):
+        age = self.age() if self.timestamp is not None else ''
+        # A copy for the hints, only when the body ends as they say.
+        inner, outer = mac = self.macs[0]
+        newline = inner.copy() if self.held.endswith(b'\n') else None
+        if self.matches(mac):
             return 'ok: %s%s' % (self.scheme, '; but ' + age if age else '')
         hints = [age] if age else []
-        for cut, end, mac in cuts:
-            if self.matches(mac, cut):
-                hints.append('it would match the body without its last %s'
-                             % ('newline' if cut == 1 else 'CRLF'))
+        if newline is not None:
+            if self.matches((newline.copy(), outer), 1):
+                hints.append('it would match the body without its last'
+                             ' newline')
+            if self.held.endswith(b'\r\n') and self.matches((newline, outer), 2):
+                hints.append('it would match the body without its last CRLF')
         if len(self.macs) > 1 and self.matches(self.macs[1]):
             hints.append('it would match with the secret %s' % (
                 'as it is, not base64-decoded' if self.scheme == 'standard'
@@ -1833,8 +1864,6 @@ class Signature:
 
     def age(self):
         """Its timestamp's age, if the sender would refuse it for that."""
-        if self.timestamp is None:
-            return ''
         age = int(time.time()) - self.timestamp
         tolerance = TOLERANCES[self.scheme]
         if abs(age) <= tolerance:
@@ -2211,9 +2240,9 @@ class Connection(BaseHTTPRequestHandler):
         self.wfile.write(answer_bytes(request, errors, closing, self.server.date))
         said = '; closing the connection' if closing else ''
         if errors:
-            log.error('responded 200 status=error%s', said)
+            log.error('responded 200 status=error' + said)
         else:
-            log.info('responded 200 status=ok%s', said)
+            log.info('responded 200 status=ok' + said)
         self.request = None
         self.log = log
         if not closing:
@@ -2764,10 +2793,10 @@ def read_settings(argv, environ):
         if not TOKEN.fullmatch(header) or len(header) > MAX_NAME_CHARS:
             raise SettingError('WEBHOOK_SIGNATURE_HEADER=%r is not a header'
                                ' name' % header)
-        if header.lower() in dict(SIGNATURE_SCHEMES):
+        if header.lower() in SIGNATURE_SCHEMES:
             raise SettingError(
                 'WEBHOOK_SIGNATURE_HEADER=%r is already read as %s signs'
-                % (header, dict(SIGNATURE_SCHEMES)[header.lower()]))
+                % (header, SIGNATURE_SCHEMES[header.lower()]))
         if secret is None:
             raise SettingError('WEBHOOK_SIGNATURE_HEADER=%r needs'
                                ' WEBHOOK_SECRET, the secret it is made with'

@@ -552,6 +552,40 @@ def test_json_log_of_a_body_an_exception_and_a_server_record(json_trap,
     assert record['where'] == 'main' and record['message'] == 'a server record'
 
 
+@pytest.mark.parametrize('formatter', [kek.TextFormatter, kek.JsonFormatter],
+                         ids=['text', 'json'])
+def test_a_bare_message_is_written_alike_with_or_without_a_log_record(
+        tmp_path, formatter, monkeypatch):
+    """RequestLog writes a message with no arguments, fields or traceback
+    straight to kek's writer when it is the only handler; beside another
+    handler each gets a LogRecord.  The lines are the same."""
+    monkeypatch.setattr(time, 'monotonic', lambda: 100.0)
+    messages = ['done', 'path /\x1b[31m\u202e is not /api', 'a \\ and a %s']
+    logs = [kek.RequestLog('K', 99.5, 'query'), kek.server_log()]
+    lines = []
+    for handlers in (1, 2):
+        writers = [kek.LogWriter(str(tmp_path / ('%d.%d' % (handlers, n))))
+                   for n in range(handlers)]
+        for writer in writers:
+            writer.setFormatter(formatter())
+            kek.LOGGER.addHandler(writer)
+        try:
+            for log in logs:
+                for message in messages:
+                    log.error(message)
+        finally:
+            for writer in writers:
+                kek.LOGGER.removeHandler(writer)
+                writer.close()
+        lines.append([(tmp_path / ('%d.%d' % (handlers, n))).read_text()
+                      for n in range(handlers)])
+    [alone], [first, second] = lines
+    assert alone == first == second
+    assert len(alone.splitlines()) == 6
+    assert ('"offset_ms": 500.000, "level": "ERROR"' if formatter is
+            kek.JsonFormatter else ' +500.000ms ERROR ') in alone
+
+
 def make_writer(path):
     writer = kek.LogWriter(str(path))
     writer.setFormatter(kek.TextFormatter())
@@ -2078,7 +2112,7 @@ def test_no_secret_nor_expected_mac_reaches_the_log_stderr_or_answers(
     """Nor any 12 characters of them, in hex or base64."""
     answers = b''
     parts = every_part(STANDARD_SECRET[6:])
-    signature_headers = set(dict(kek.SIGNATURE_SCHEMES)) | {'x-checksum'}
+    signature_headers = set(kek.SIGNATURE_SCHEMES) | {'x-checksum'}
     server = Trap(tmp_path, kek.JsonFormatter())
     try:
         for signer, secret, scheme, settings in SIGNERS:
