@@ -1691,22 +1691,22 @@ def secret_forms(secret, scheme):
 class Signature:
     """A sender's signature of one request, checked against WEBHOOK_SECRET
     as the body streams in.  The MAC of what is signed (the scheme's prefix,
-    then the body) is computed with each form of the secret, the body's last
-    two bytes held back: so a mismatch can say whether the body without its
-    last newline, or the secret in its other form, would match, and never
-    what the MAC is.  Comparisons take constant time."""
+    then the body) is computed with each form of the secret, a newline the
+    body may end in held back: so a mismatch can say whether the body
+    without its last newline, or the secret in its other form, would match,
+    and never what the MAC is.  Comparisons take constant time."""
 
     problem = None          # why it cannot be read
     timestamp = None        # the time it says it was signed, if it says
-    held = b''              # the body's last two bytes so far
+    held = b''              # a CR, LF or CRLF the body may end in
 
     def __init__(self, scheme, header, headers):
         self.scheme = scheme
         self.given = []             # the MACs sent
         self.macs = []              # (inner, outer) for each form of the secret
         try:
-            prefix, digest = getattr(self, 'read_' + scheme)(
-                headers[header], headers)
+            prefix, digest = self.READERS[scheme](self, headers[header],
+                                                  headers)
         except Malformed as malformed:
             self.problem = str(malformed)
             return
@@ -1784,6 +1784,12 @@ class Signature:
                             % (time_name, separator, mac_name))
         return self.read_timestamp(timestamps[0])
 
+    # Each scheme's reader, by name.
+    READERS = {'github': read_github, 'gitlab': read_gitlab,
+               'stripe': read_stripe, 'slack': read_slack,
+               'shopify': read_shopify, 'standard': read_standard,
+               'paddle': read_paddle, 'custom': read_custom}
+
     def read_timestamp(self, text):
         if not DIGITS.fullmatch(text) or len(text) > MAX_TIMESTAMP_DIGITS:
             raise Malformed('its timestamp is not a number of seconds')
@@ -1808,24 +1814,24 @@ class Signature:
     # Fed the body, then asked.
 
     def add(self, data):
-        if len(data) >= 2:
-            held = self.held
-            for inner, outer in self.macs:
-                if held:
-                    inner.update(held)
-                inner.update(memoryview(data)[:-2])
-            self.held = bytes(data[-2:])
+        if self.held:
+            data = self.held + data
+        if data.endswith((b'\n', b'\r')):
+            # The body may end here: its newline held back for the hints.
+            cut = 2 if data.endswith(b'\r\n') else 1
+            self.held = bytes(data[-cut:])
+            data = memoryview(data)[:-cut]
         else:
-            held = self.held + data
-            for inner, outer in self.macs:
-                inner.update(held[:-2])
-            self.held = held[-2:]
+            self.held = b''
+        for inner, outer in self.macs:
+            inner.update(data)
 
     def matches(self, mac, cut=0):
         """True if the MAC of what was signed, its last cut bytes left out,
         is one of those sent.  It uses mac up."""
         inner, outer = mac
-        inner.update(self.held[:len(self.held) - cut])
+        if self.held:
+            inner.update(self.held[:len(self.held) - cut])
         outer = outer.copy()
         outer.update(inner.digest())
         digest = outer.digest()
@@ -1847,7 +1853,7 @@ class Signature:
         inner, outer = mac = self.macs[0]
         newline = inner.copy() if self.held.endswith(b'\n') else None
         if self.matches(mac):
-            return 'ok: %s%s' % (self.scheme, '; but ' + age if age else '')
+            return 'ok: ' + self.scheme + ('; but ' + age if age else '')
         hints = [age] if age else []
         if newline is not None:
             if self.matches((newline.copy(), outer), 1):

@@ -2233,18 +2233,25 @@ def test_the_keyed_hashes_make_the_hmac_of_the_hmac_module(digest, size):
     assert outer.digest() == hmac.new(key, b'what was signed', digest).digest()
 
 
-def test_a_body_fed_in_pieces_of_every_size_gives_the_same_mac(configure):
+@pytest.mark.parametrize('body, signed, verdict', [
+    (b'0123456789abcdef\r\n', b'0123456789abcdef',
+     'mismatch: github; it would match the body without its last CRLF'),
+    (b'a\n\n', b'a\n',
+     'mismatch: github; it would match the body without its last newline'),
+    # Newlines held back on the way are fed on, and a last CR is signed.
+    (b'a\r\nb\n\rc\r', b'a\r\nb\n\rc\r', 'ok: github'),
+    (b'a\r\nb\n\rc\r', b'a\r\nb\n\rc', 'mismatch: github')])
+def test_a_body_fed_in_pieces_of_every_size_gives_the_same_mac(
+        configure, body, signed, verdict):
     configure(WEBHOOK_SECRET='s')
-    body = b'0123456789abcdef\r\n'
     request = kek.Request('key', time.monotonic(), 'client')
-    request.headers = {'x-hub-signature-256': github(b's', body[:-2], 0)[
+    request.headers = {'x-hub-signature-256': github(b's', signed, 0)[
         'X-Hub-Signature-256']}
     for size in range(1, len(body) + 1):
         [signature] = kek.signatures_of(request)
         for start in range(0, len(body), size):
-            signature.add(body[start:start + size])
-        assert signature.verdict() == ('mismatch: github; it would match the'
-                                       ' body without its last CRLF')
+            signature.add(bytearray(body[start:start + size]))
+        assert (size, signature.verdict()) == (size, verdict)
 
 
 @pytest.mark.parametrize('signer, secret, meant, said', [
