@@ -2,6 +2,7 @@
 # Side-by-side throughput of kek and its peers, A B A B … so the machine's drift hits all alike.
 #
 #   .bench/compare.sh [NAME ...]      (from anywhere; default: kek aiohttp_app twisted_web flask_dev)
+#   (also stdlib_loop, kek's one-loop ceiling, and kek_signed, kek checking webhook.lua's signature)
 #
 # Environment: ROUNDS=3, SCEN="a b c d" (see run.sh; e is a webhook-like POST), DURATION=10, PIN=1 (server on core 0,
 # wrk on core 1), OUT=/tmp/kek-bench/compare, LOG_FORMAT and
