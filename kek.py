@@ -610,8 +610,9 @@ KNOWN_CODINGS = frozenset(('chunked', 'gzip', 'deflate', 'compress',
 LENGTH_LIKE = re.compile('[0-9 \t,+.-]{0,40}')
 COOKIE_NAME = re.compile('[%s]{1,64}' % TCHAR)
 # Headers whose value is a URL, shown as a URL is.
-URL_HEADERS = frozenset(('referer', 'location', 'content-location',
-                         'x-original-url', 'x-rewrite-url'))
+URL_HEADERS = frozenset(('referer', 'origin', 'location', 'content-location',
+                         'x-original-url', 'x-original-uri', 'x-rewrite-url',
+                         'x-forwarded-uri'))
 # Headers a sender of one's own signs with (WEBHOOK_SIGNATURE_HEADER).
 SIGNATURE_HEADERS = set()
 
@@ -684,11 +685,12 @@ def shown_url(target, secrets=True):
     query parameters, and userinfo in an absolute URL, as their length;
     everything else as sent, cut at MAX_SHOWN_URL.  secrets=False: no
     parameter's name is secret."""
-    if (not secrets and target.startswith('/') and len(target) <= MAX_SHOWN_URL
+    if (not secrets and target[:1] == '/' != target[1:2]
+            and len(target) <= MAX_SHOWN_URL
             and target.isascii() and target.isprintable()):
         return target       # the common case, checked first
     path, question, query = target.partition('?')
-    if not path.startswith('/'):
+    if path[:1] != '/' or path[1:2] == '/':
         path = shown_authority(path)
     if question and secrets:
         query = shown_query(query)
@@ -696,29 +698,44 @@ def shown_url(target, secrets=True):
 
 
 def shown_authority(path):
-    """scheme://user:password@host/... with the password as its length.  A
+    """scheme://user:password@host/... with the password as its length, and
+    so //user:password@host/... and CONNECT's user:password@host:port.  A
     user alone is shown as its length too: a token is often sent that way
     (https://TOKEN@host/)."""
-    scheme, sep, rest = path.partition('://')
+    scheme, sep, rest = path.partition('//')
+    if not sep:
+        scheme, rest = '', path     # an authority alone
     authority, slash, rest = rest.partition('/')
     userinfo, at, host = authority.rpartition('@')
-    if not sep or not at:
+    if not at:
         return path
     user, colon, password = userinfo.partition(':')
     userinfo = user + ':' + length(password) if colon else length(userinfo)
     return scheme + sep + userinfo + at + host + slash + rest
 
 
+# What ends a field of a query or a form, as the log reads it: a ';' too, as
+# some servers still take it (Rack before 3, Go before 1.17), though kek's
+# own parameters are split at '&' only.
+FIELD_END = re.compile('([&;])')
+
+
+# How a value that may be JSON starts, as sent.
+JSON_START = ('{', '[', '%7B', '%7b', '%5B', '%5b')
+
+
 def shown_query(query):
-    """A query as sent, but for the values of secret-looking names."""
-    fields = query.split('&')
+    """A query as sent, but for the values of secret-looking names, and
+    values that are JSON with a secret-looking key."""
+    fields = FIELD_END.split(query)
     redacted = False
-    for n, field in enumerate(fields):
-        name, equals, value = field.partition('=')
-        if value and secret_name(unquote(name)):
+    for n in range(0, len(fields), 2):
+        name, equals, value = fields[n].partition('=')
+        if value and (secret_name(unquote(name)) or (
+                value.startswith(JSON_START) and secret_json(unquote(value)))):
             fields[n] = name + '=' + length(unquote(value))
             redacted = True
-    return '&'.join(fields) if redacted else query
+    return ''.join(fields) if redacted else query
 
 
 # Parameters read from this many characters are all shown as they are, but
@@ -726,25 +743,45 @@ def shown_query(query):
 SHORT_PARAMS = min(MAX_SHOWN_CHARS, 2 * MAX_SHOWN_PARAMS)
 
 
-def shown_params(params, size):
-    """Parameters (of a query, or a form, of size characters) as the log
-    shows them: the values of secret-looking names as their length, every
-    name and value cut, and at most MAX_SHOWN_PARAMS values; and how many
-    values there were.  Most are short and all shown as they are."""
-    if size <= SHORT_PARAMS and not any(map(secret_name, params)):
-        return params, sum(map(len, params.values()))
+def shown_params(params, text):
+    """Parameters (read from text, a query or a form) as the log shows them:
+    the values of secret-looking names as their length, and so what looks
+    secret in a value (shown_value()); every name and value cut, and at
+    most MAX_SHOWN_PARAMS values; and how many values there were.  Most are
+    short, and all shown as they are."""
     count = sum(map(len, params.values()))
+    short = len(text) <= SHORT_PARAMS       # none to cut, nor too many
+    if (short and ';' not in text and '"' not in text and '%22' not in text
+            and not any(map(secret_name, params))):
+        return params, count
     shown_ones = {}
     room = MAX_SHOWN_PARAMS
     for name, values in params.items():
         values = values[:room]
         room -= len(values)
         secret = secret_name(name)
-        shown_ones[shown(name)] = [length(value) if secret else shown(value)
-                                   for value in values]
+        values = [length(value) if secret else shown_value(value)
+                  for value in values]
+        if not short:
+            name, values = shown(name), [shown(value) for value in values]
+        shown_ones[name] = values
         if not room:
             break
     return shown_ones, count
+
+
+def secret_json(text):
+    """True if text is JSON that has a secret-looking key."""
+    return redact_json(text) != text
+
+
+def shown_value(value):
+    """A parameter's value, but for what may hide a secret in it: JSON (as
+    Slack posts a form's payload=) with the values of secret-looking keys as
+    their length, and so a name=value after a ';'."""
+    if value.lstrip(' \t\r\n')[:1] in ('{', '['):
+        return redact_json(value)
+    return shown_query(value) if ';' in value else value
 
 
 def media_type(content_type):
@@ -792,7 +829,7 @@ def body_fields(data, media, cut):
     text = as_text(data)
     kind = body_kind(text, media, cut)
     if kind == 'a form':
-        form, count = shown_params(parse_query(text), len(text))
+        form, count = shown_params(parse_query(text), text)
         if count > MAX_SHOWN_PARAMS:
             return {'form': form, 'form_values': count}
         return {'form': form}
@@ -884,9 +921,11 @@ def json_string(token):
         return token[1:-1] if len(token) > 1 and token.endswith('"') else token[1:]
 
 
-# What quoted() takes for a header line, and for a request line.
+# What quoted() takes for a header line, one that lost its colon, and a
+# request line.
 HEADER_LIKE = re.compile(r'((?:[%s]|[^\x00-\x7f]){1,%d})([ \t]*):'
                          % (TCHAR, MAX_NAME_CHARS))
+NAME_LIKE = re.compile(r'([%s]{1,%d})[ \t]+' % (TCHAR, MAX_NAME_CHARS), re.ASCII)
 REQUEST_LIKE = re.compile(r'[%s]{1,%d}(?= +(?:[/*]|[A-Za-z][A-Za-z0-9+.-]{0,31}:))'
                           % (TCHAR, MAX_METHOD_CHARS), re.ASCII)
 
@@ -906,28 +945,52 @@ def quoted(data, size=None):
     line = line[:-1] if newline and line.endswith('\r') else line
     more = ' (%s in all)' % in_bytes(size) if newline else ''
     blanks = len(line) - len(line.lstrip(' \t'))
-    header = HEADER_LIKE.match(line, blanks)
-    if header:
-        name, value = header.group(1), line[header.end():].strip(' \t')
-        return '%s%s%s: %s%s' % (line[:blanks], shown(name), header.group(2),
-                                 header_value(name, value), more)
     method = REQUEST_LIKE.match(line, blanks)
     if method:
         at = len(line) - len(line[method.end():].lstrip(' '))
         target, space, tail = line[at:].partition(' ')
         return '%s%s%s%s%s' % (line[:at], shown_url(target), space,
                                shown(tail), more)
+    header = header_line(line)
+    if header is not None:
+        return header + more
     kind, shown_text = viewed(text, size, LOG_BODY)
     if not LOG_BODY:
         return '%s, %s' % (in_bytes(size), kind)
     return '%s, %s: %s' % (in_bytes(size), kind, shown_text)
 
 
+def header_line(line):
+    """A line that reads as a header, shown as that header would be: 'Name:
+    value', or 'Name value' if the name has a rule of its own (a header
+    line that lost its colon: 'Authorization Bearer ...'); else None."""
+    blanks = len(line) - len(line.lstrip(' \t'))
+    header = HEADER_LIKE.match(line, blanks)
+    if header:
+        name, value = header.group(1), line[header.end():].strip(' \t')
+        return '%s%s%s: %s' % (line[:blanks], shown(name), header.group(2),
+                               header_value(name, value))
+    header = NAME_LIKE.match(line, blanks)
+    if header and header_rule(header.group(1)) is not shown:
+        return line[:header.end()] + header_value(header.group(1),
+                                                  line[header.end():])
+    return None
+
+
+def shown_continuation(name, text):
+    """A line that continues the value of header name (obs-fold), by the
+    stricter of two rules: as a part of that value, or, if such values are
+    shown as they are, as a header line gone astray would be."""
+    if header_rule(name) is shown:
+        return header_line(text) or header_value(name, text)
+    return header_value(name, text)
+
+
 def viewed(text, size, keep):
     """The kind of some bytes (text: their start, decoded with
     surrogateescape; size bytes in all), and what the log shows of their
-    first keep characters, cut: a form or JSON with what looks secret by its
-    length, text as it is, anything else in hex."""
+    first keep characters, cut: a form, JSON or text with what looks secret
+    by its length, anything else in hex."""
     kind = body_kind(text, '', byte_count(text) < size)
     text = text[:keep]
     if kind == 'binary':
@@ -935,7 +998,7 @@ def viewed(text, size, keep):
             'utf-8', 'surrogateescape')[:MAX_SHOWN_CHARS // 2].hex()
     if kind == 'a form':
         text = shown_query(text)
-    elif kind == 'JSON':
+    else:       # JSON, or text that may hold some ('3;{"token": ...')
         text = redact_json(text)
     return kind, shown(text)
 
@@ -1102,7 +1165,7 @@ def parse_head(request, head):
         if field is None and line[:1] in (' ', '\t') and header_list:
             name = header_list[-1][0]       # obs-fold: a part of its value
             raise Refused("header line is not 'Name: value': a continuation"
-                          " of %s: %s" % (name, header_value(
+                          " of %s: %s" % (name, shown_continuation(
                               name, line.strip(' \t'))))
         if field is None:
             raise Refused("header line is not 'Name: value': %s" % quoted(line))
@@ -1292,14 +1355,17 @@ EPILOGUE = 'epilogue'           # after the last one, or after a broken part
 
 
 def multipart_summary(request):
-    """A MultipartSummary for a multipart/form-data body with a boundary,
-    if any of a body is shown at all; else None."""
+    """A MultipartSummary for a multipart/form-data body, if any of a body
+    is shown at all; else None.  Without a boundary its parts cannot be
+    told apart, and none of it is shown: its files may be anywhere."""
     content_type = request.headers.get('content-type', '')
     if not LOG_BODY or media_type(content_type) != 'multipart/form-data':
         return None
     match = BOUNDARY.search(content_type)
     if match is None:
-        return None
+        summary = MultipartSummary(b'')
+        summary.stop('no boundary in its Content-Type')
+        return summary
     return MultipartSummary((match.group(1) or match.group(2)).encode(
         'utf-8', 'surrogateescape'))
 
@@ -2336,7 +2402,7 @@ def log_arrival(request):
     never logged left out.  Each format writes them in its own grammar, so
     each value is escaped once: JSON as they are, a text line through
     arrival_text()."""
-    params, count = shown_params(request.params, len(request.query))
+    params, count = shown_params(request.params, request.query)
     # The URL's query needs looking at only if a parameter was not shown
     # as it is: a secret-looking one, or one cut.
     url = shown_url(request.target, secrets=params is not request.params)
@@ -2460,7 +2526,8 @@ def query(request):
     if request.method != 'GET':
         errors.append('method %s is not allowed' % request.method)
     if request.path != '/api':
-        errors.append('path %s is not /api' % shown(request.path))
+        errors.append('path %s is not /api'
+                      % shown_url(request.path, secrets=False))
     if '1' in request.params.get('invalid', ()):
         errors.append('parameter invalid=1')
     for error in errors:

@@ -941,6 +941,9 @@ MULTIPART = (b'--XyZ\r\nContent-Disposition: form-data; name="user"\r\n\r\n'
              b'name="avatar"; filename="ann.png"\r\nContent-Type: image/png'
              b'\r\n\r\n\x89PNG\r\n\x1a\nS3CR3T\r\n--XyZ--\r\n')
 
+# The same with a file of text: shown as text, if it were shown.
+TEXT_MULTIPART = MULTIPART.replace(b'\x89PNG\r\n\x1a\n', b'PNG\r\n')
+
 # What was sent, each with the secret S3CR3T that must reach no byte of the
 # log, in either format, at any settings.  Each was logged as sent before.
 LEAKS = [
@@ -997,6 +1000,30 @@ LEAKS = [
      post(b'/x', b'user=ann&password=S3CR3T\n', b'text/plain')),
     ('a multipart form', post(b'/x', MULTIPART,
                               b'multipart/form-data; boundary=XyZ')),
+    ('a header line that lost its colon', H + b'Authorization Bearer S3CR3T\r\n\r\n'),
+    ('a header line gone astray after a readable one',
+     H + b' Authorization: Bearer S3CR3T\r\n\r\n'),
+    ('a query field after a semicolon',
+     b'GET /api?a=1;access_token=S3CR3T HTTP/1.1\r\nHost: x\r\n\r\n'),
+    ('a semicolon in a bad request line', b'GET /api?a=1;token=S3CR3T HTTP/9.9\r\n\r\n'),
+    ('a form field after a semicolon',
+     post(b'/x', b'a=1;password=S3CR3T', b'application/x-www-form-urlencoded')),
+    ('JSON in a form field, as Slack posts it', post(
+        b'/x', b'payload=%7B%22type%22%3A%22x%22%2C%22token%22%3A%22S3CR3T%22%7D',
+        b'application/x-www-form-urlencoded')),
+    ('JSON in a query field', b'GET /api?q={"token":"S3CR3T"} HTTP/1.1\r\n'
+     b'Host: x\r\n\r\nGET /api?q=%7B%22token%22:1,%22pwd%22:%22S3CR3T%22%7D'
+     b' HTTP/1.1\r\nHost: x\r\n\r\n'),
+    ('userinfo in a path that names a host',
+     b'GET //ann:S3CR3T@host/api HTTP/1.1\r\nHost: x\r\n\r\n'),
+    ("userinfo in CONNECT's authority",
+     b'CONNECT ann:S3CR3T@host:443 HTTP/1.1\r\nHost: x\r\n\r\n'),
+    ('URLs in headers', H + b'Origin: https://ann:S3CR3T@app\r\n'
+     b'X-Forwarded-Uri: /api?token=S3CR3T\r\nX-Original-Uri: /a?sig=S3CR3T'
+     b'\r\n\r\n'),
+    ('a multipart body without a boundary',
+     post(b'/x', TEXT_MULTIPART, b'multipart/form-data')),
+    ('JSON after a chunk extension', CHUNKED + b'3;{"password": "S3CR3T"}\r\n'),
     ('signature headers', H + b'X-Hub-Signature-256: sha256=S3CR3T\r\n'
      b'Stripe-Signature: t=1,v1=S3CR3T\r\nX-Slack-Signature: v0=S3CR3T\r\n'
      b'X-Shopify-Hmac-Sha256: S3CR3T\r\nX-Twilio-Signature: S3CR3T\r\n'
@@ -1084,9 +1111,37 @@ def test_the_query_shows_secret_values_by_their_length(trap):
     ('https://ghp_token@host/api?x=1', 'https://<9 bytes>@host/api?x=1'),
     ('http://host/a@b', 'http://host/a@b'),         # '@' in the path
     ('http://a@b@host/', 'http://<3 bytes>@host/'),
-    ('http://host/api', 'http://host/api')])
+    ('http://host/api', 'http://host/api'),
+    # A path that names a host, and CONNECT's authority, have userinfo too;
+    # a path that only holds '//' later does not.
+    ('//ann:pw@host/api', '//ann:<2 bytes>@host/api'),
+    ('ann:pw@host:443', 'ann:<2 bytes>@host:443'),
+    ('/a//b:c@d', '/a//b:c@d'),
+    # A field that ends at ';', as some servers read a query.
+    ('/api?a=1;token=abc&b=2;c=3', '/api?a=1;token=<3 bytes>&b=2;c=3'),
+    ('/api?q={"pwd":"abc"}&r={"a":1}', '/api?q=<13 bytes>&r={"a":1}'),
+    ('/api?q=%7B%22pwd%22:1%7D', '/api?q=<9 bytes>')])
 def test_userinfo_is_shown_by_its_length(target, shown):
     assert kek.shown_url(target) == shown
+
+
+def test_a_path_with_userinfo_is_shown_so_in_its_error(trap):
+    answer, _ = trap.request(url='//ann:pw@host/api')
+    key = answer.getheader('X-Request-Id')
+    assert messages(trap, key, 'ERROR')[0] == ('path //ann:<2 bytes>@host/api'
+                                               ' is not /api')
+
+
+@pytest.mark.parametrize('params, text, shown', [
+    ({'a': ['1;token=abc']}, 'a=1;token=abc', {'a': ['1;token=<3 bytes>']}),
+    ({'p': ['{"token": "abc", "n": 1}']}, 'p=%7B%22token%22...',
+     {'p': ['{"token": "<3 bytes>", "n": 1}']}),
+    ({'p': [' [{"pwd": "abc"}]']}, 'p=%20[{"pwd":...',
+     {'p': [' [{"pwd": "<3 bytes>"}]']}),
+    ({'p': ['{"n": 1}'], 'q': ['a;b']}, 'p=%7B%22n%22:1%7D&q=a;b',
+     {'p': ['{"n": 1}'], 'q': ['a;b']})])
+def test_what_hides_in_a_value_is_shown_by_its_length(params, text, shown):
+    assert kek.shown_params(params, text) == (shown, len(params))
 
 
 @pytest.mark.parametrize('body, shown', [
@@ -1149,12 +1204,14 @@ def test_a_multipart_text_field_that_is_not_text_shows_its_size(trap):
         {'name': 'blob', 'bytes': 4, 'value': '<4 bytes, binary>'}]
 
 
-def test_a_multipart_type_without_a_boundary_is_shown_as_any_body(trap):
-    answer, _ = trap.request('POST', body=MULTIPART, headers={
-        'Content-Type': 'multipart/form-data'})
+def test_a_multipart_type_without_a_boundary_shows_none_of_its_bytes(trap):
+    # Its parts cannot be told apart, so no file's contents can be left out.
+    answer, _ = trap.request('POST', body=TEXT_MULTIPART,
+                             headers={'Content-Type': 'multipart/form-data'})
     record = body_record(trap, answer.getheader('X-Request-Id'))
-    assert ' parts=' not in record and ' preview_base64=' in record
-    assert b'S3CR3T' not in trap.text_of_log()    # its bytes, quoted by rule
+    assert record.endswith(' parts=[] broken: no boundary in its Content-Type')
+    assert ' preview' not in record
+    assert b'S3CR3T' not in trap.text_of_log()
 
 
 def test_a_multipart_body_is_read_part_by_part_in_any_pieces():
@@ -1230,10 +1287,26 @@ def test_a_body_with_no_delimiter_has_no_parts():
     (b'just text', '9 bytes, text: just text'),
     (b'\x00\x01binary', '8 bytes, binary: 000162696e617279'),
     (b'', 'an empty line'),
+    # A header line that lost its colon, if its name has a rule of its own;
+    # JSON anywhere in text.
+    (b'Authorization Bearer abc', 'Authorization Bearer <3 bytes>'),
+    (b'X-Api-Key abc', 'X-Api-Key <3 bytes>'),
+    (b'3;{"pwd": "abc"}', '16 bytes, text: 3;{"pwd": "<3 bytes>"}'),
 ])
 def test_bytes_kek_did_not_parse_are_quoted_by_the_rules_of_what_it_did(
         quoted_bytes, shown):
     assert kek.quoted(quoted_bytes) == shown
+
+
+@pytest.mark.parametrize('name, line, shown', [
+    ('X-Api-Key', 'abc', '<3 bytes>'),
+    ('X-Api-Key', 'Note: abc', '<9 bytes>'),       # its value's, still
+    ('Host', 'Authorization: Bearer abc', 'Authorization: Bearer <3 bytes>'),
+    ('Host', 'Authorization Bearer abc', 'Authorization Bearer <3 bytes>'),
+    ('Host', 'x.example', 'x.example')])
+def test_a_continuation_is_shown_by_the_stricter_of_its_two_rules(
+        name, line, shown):
+    assert kek.shown_continuation(name, line) == shown
 
 
 def test_quoted_bytes_show_no_more_than_log_body(monkeypatch):
