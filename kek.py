@@ -535,8 +535,13 @@ WORD = re.compile('[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+')
 @functools.lru_cache(maxsize=4096)
 def secret_name(name):
     """True if a value of this name is to be shown by its length only.  A
-    name too long to be a real one counts as secret, unread."""
-    if len(name) > MAX_NAME_CHARS or SECRET_PARTS.search(name.lower()):
+    name too long to be a real one counts as secret, unread; one with
+    characters that cannot be seen is read without them ('to\\0ken')."""
+    if len(name) > MAX_NAME_CHARS:
+        return True
+    if not name.isprintable():
+        name = ''.join(filter(str.isprintable, name))
+    if SECRET_PARTS.search(name.lower()):
         return True
     for word in WORD.findall(name):
         word = word.lower()
