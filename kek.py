@@ -618,8 +618,6 @@ COOKIE_NAME = re.compile('[%s]{1,64}' % TCHAR)
 URL_HEADERS = frozenset(('referer', 'origin', 'location', 'content-location',
                          'x-original-url', 'x-original-uri', 'x-rewrite-url',
                          'x-forwarded-uri'))
-# Headers a sender of one's own signs with (WEBHOOK_SIGNATURE_HEADER).
-SIGNATURE_HEADERS = set()
 
 
 def shown_header(name, value):
@@ -636,7 +634,7 @@ def header_rule(name):
         return shown_credentials
     if lower == 'cookie' or lower == 'set-cookie':
         return shown_cookies
-    if secret_name(name) or lower in SIGNATURE_HEADERS:
+    if secret_name(name) or lower == WEBHOOK_SIGNATURE_HEADER:  # see main()
         return length
     if lower == 'content-length':
         return shown_content_length
@@ -2132,9 +2130,9 @@ class Connection(BaseHTTPRequestHandler):
                 self.move(DRAINING)     # it is still sending: linger after
             self.drop(data)     # not progress: only sending the answer is
             return False
-        # Between requests only a request's first byte is progress (begin()
-        # counts it), not blank lines: else two bytes every few seconds
-        # would hold a connection open for ever.
+        # Between requests only a request's first byte is progress
+        # (begin_request() counts it), not blank lines: else two bytes every
+        # few seconds would hold a connection open for ever.
         if self.state is not IDLE:
             self.active_at = time.monotonic()
         self.inbuf += data
@@ -2664,8 +2662,9 @@ class Server:
                 if now >= stop_at:
                     for conn in list(self.connections):
                         if conn.state is HEAD or conn.state is BODY:
-                            conn.abandon('server stopping')
-                        conn.close()
+                            conn.abandon('server stopping')     # and closes
+                        else:
+                            conn.close()
                     flush_log()
                     break
 
@@ -2733,7 +2732,7 @@ class Server:
             return False
         conn = min(self.connections, key=lambda conn: conn.active_at)
         self.run(conn, conn.receive)        # what it sent that is not read yet
-        self.run(conn, lambda: conn.shed(why))
+        self.run(conn, conn.shed, why)
         return True
 
     def stop_accepting(self):
@@ -2896,10 +2895,7 @@ def configure(settings):
     CORS = settings['cors']
     WEBHOOK_SECRET = settings['webhook_secret']
     WEBHOOK_SIGNATURE_HEADER = settings['webhook_signature_header']
-    SIGNATURE_HEADERS.clear()
-    if WEBHOOK_SIGNATURE_HEADER:
-        SIGNATURE_HEADERS.add(WEBHOOK_SIGNATURE_HEADER)
-    header_rule.cache_clear()
+    header_rule.cache_clear()       # it reads WEBHOOK_SIGNATURE_HEADER
 
 
 def keep_standard_fds_open():

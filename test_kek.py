@@ -2235,6 +2235,15 @@ def test_without_a_secret_no_signature_is_checked(trap):
     assert messages(trap, key, 'WARNING') == []
 
 
+def test_ones_own_signature_header_is_shown_by_its_length_once_named(
+        configure):
+    assert kek.shown_header('X-Checksum', 'abc') == 'abc'
+    configure(WEBHOOK_SECRET='s', WEBHOOK_SIGNATURE_HEADER='X-Checksum')
+    assert kek.shown_header('X-Checksum', 'abc') == '<3 bytes>'
+    configure()
+    assert kek.shown_header('X-Checksum', 'abc') == 'abc'
+
+
 def test_several_signatures_get_a_record_each(trap, configure):
     configure(WEBHOOK_SECRET='s', WEBHOOK_SIGNATURE_HEADER='X-Checksum')
     body = b'payload'

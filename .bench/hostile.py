@@ -130,24 +130,25 @@ def stop_all(processes):
         process.wait()
 
 
-def pipeline():
+def beside(attack):
+    """Another client's latencies over 10 s while 8 clients run attack, and
+    the bytes of log kek wrote."""
     kek = Kek()
-    swarm = attackers('attack_pipeline', 8, kek.port)
-    time.sleep(2)
+    swarm = attackers(attack, 8, kek.port)
+    time.sleep(2)           # the attack under way
     times = latencies(kek, 10)
     stop_all(swarm)
-    kek.stop()
+    return times, kek.stop()
+
+
+def pipeline():
+    times, log = beside('attack_pipeline')
     print('pipeline: 8 clients with 2,000 pipelined GETs each in flight;'
           ' another client:', summary(times))
 
 
 def heads():
-    kek = Kek()
-    swarm = attackers('attack_heads', 8, kek.port)
-    time.sleep(2)
-    times = latencies(kek, 10)
-    stop_all(swarm)
-    log = kek.stop()
+    times, log = beside('attack_heads')
     print('heads: 8 clients sending 64 KiB heads of \\xff; another client:',
           summary(times), '(log %.1f MB)' % (log / 1e6))
 
