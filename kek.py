@@ -2662,9 +2662,8 @@ class Server:
                 if now >= stop_at:
                     for conn in list(self.connections):
                         if conn.state is HEAD or conn.state is BODY:
-                            conn.abandon('server stopping')     # and closes
-                        else:
-                            conn.close()
+                            conn.abandon('server stopping')
+                        conn.close()        # (a no-op once abandoned)
                     flush_log()
                     break
 
