@@ -754,6 +754,7 @@ def shown_params(params, text):
     short, and all shown as they are."""
     count = sum(map(len, params.values()))
     short = len(text) <= SHORT_PARAMS       # none to cut, nor too many
+    # A value hides nothing without a ';', or a '"' (JSON keys are quoted).
     if (short and ';' not in text and '"' not in text and '%22' not in text
             and not any(map(secret_name, params))):
         return params, count
@@ -2015,9 +2016,14 @@ def log_preflight(request):
     asked = headers.get('access-control-request-headers')
     if asked and TOKEN_LIST.fullmatch(asked):
         asked = ', '.join(name.strip(' \t') for name in asked.split(','))
+    # Header values all, shown as the arrival shows them (by their length
+    # only, with LOG_HEADERS off).
     request.log.info('preflight for %s from %s%s' % (
-        shown(headers['access-control-request-method']), shown(headers['origin']),
-        ', headers ' + shown(asked) if asked else ''))
+        header_value('Access-Control-Request-Method',
+                     headers['access-control-request-method']),
+        header_value('Origin', headers['origin']),
+        ', headers ' + header_value('Access-Control-Request-Headers', asked)
+        if asked else ''))
 
 
 # -- The connection ------------------------------------------------------------

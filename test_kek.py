@@ -1020,6 +1020,9 @@ LEAKS = [
      b'GET //ann:S3CR3T@host/api HTTP/1.1\r\nHost: x\r\n\r\n'),
     ("userinfo in CONNECT's authority",
      b'CONNECT ann:S3CR3T@host:443 HTTP/1.1\r\nHost: x\r\n\r\n'),
+    ('userinfo in the Origin of a preflight', b'OPTIONS /api HTTP/1.1\r\n'
+     b'Host: x\r\nOrigin: https://ann:S3CR3T@app\r\n'
+     b'Access-Control-Request-Method: PUT\r\n\r\n'),
     ('URLs in headers', H + b'Origin: https://ann:S3CR3T@app\r\n'
      b'X-Forwarded-Uri: /api?token=S3CR3T\r\nX-Original-Uri: /a?sig=S3CR3T'
      b'\r\n\r\n'),
@@ -1077,6 +1080,9 @@ def test_with_headers_and_bodies_off_no_header_value_or_body_byte_is_logged(
         b'GET /api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nVALUE7',
         CHUNKED + b'VALUE8\r\n',
         b'VALUE9 junk\x00',
+        b'OPTIONS /api HTTP/1.1\r\nHost: x\r\nOrigin: https://VALUE10.example'
+        b'\r\nAccess-Control-Request-Method: VALUE11\r\n'
+        b'Access-Control-Request-Headers: x-VALUE12\r\n\r\n',
     ]
     for data in requests:
         with trap.connect() as sock:
@@ -2531,9 +2537,12 @@ def test_an_origin_that_is_no_serialized_origin_gets_no_cors_header(trap,
     headers, key = answer_headers(trap, preflight(origin=origin, extra=(
         b'Access-Control-Request-Headers: x-a\r\n')))
     assert cors_of(headers) == {}
-    # Still named as a preflight, its origin shown as sent (and cut).
+    # Still named as a preflight, its origin shown as the arrival shows it:
+    # as sent (and cut), but for userinfo.
+    shown = {'https://user@app.example': 'https://<4 bytes>@app.example'}.get(
+        origin, origin)
     [said] = [m for m in messages(trap, key) if m.startswith('preflight')]
-    assert said.startswith('preflight for PUT from %s' % origin[:100])
+    assert said.startswith('preflight for PUT from %s' % shown[:100])
     assert said.endswith(', headers x-a')
 
 
