@@ -1871,7 +1871,7 @@ class Signature:
         if len(text) == digits:
             try:
                 return binascii.a2b_hex(text)
-            except binascii.Error:
+            except ValueError:      # binascii.Error, or not ASCII
                 pass
         raise Malformed('a signature that is not %d hex digits' % digits)
 

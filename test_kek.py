@@ -2381,6 +2381,11 @@ def test_a_secret_with_no_other_form_gives_no_such_hint(trap, configure):
      'github; a signature that is not 64 hex digits'),
     ({'X-Hub-Signature-256': 'sha256=' + 'a' * 63},
      'github; a signature that is not 64 hex digits'),
+    # 64 characters that are not ASCII: 'é' in UTF-8, and bytes that are not.
+    ({'X-Hub-Signature-256': 'sha256=' + '\xc3\xa9' * 64},
+     'github; a signature that is not 64 hex digits'),
+    ({'Stripe-Signature': 't=1,v1=' + '\xff' * 64},
+     'stripe; a signature that is not 64 hex digits'),
     ({'X-Hub-Signature': 'sha1=' + 'a' * 64},
      'github; a signature that is not 40 hex digits'),
     ({'Stripe-Signature': 'v1=' + 'a' * 64}, 'stripe; not t=TIMESTAMP,v1=SIGNATURE'),
