@@ -40,6 +40,7 @@ import socket
 import sys
 import threading
 import time
+import unicodedata
 from http.server import BaseHTTPRequestHandler
 
 
@@ -163,36 +164,58 @@ def to_json(value):
 
 # Characters that show as nothing (Unicode's default-ignorable code points:
 # the soft hyphen, zero-width and bidi controls, variation selectors, tag
-# characters, Hangul fillers...) and the blank Braille pattern.  Python
-# calls some of them printable.
+# characters, Hangul fillers...), the blank Braille pattern, and the few
+# that fonts draw as nothing (U+1D159 MUSICAL SYMBOL NULL NOTEHEAD, U+16FE4
+# KHITAN SMALL SCRIPT FILLER).  Python calls some of them printable.
 INVISIBLE = re.compile(
     '[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f'
     '\u202a-\u202e\u2060-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0'
-    '\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a'
-    '\U000e0000-\U000e0fff]')
+    '\ufff0-\ufff8\U00016fe4\U0001bca0-\U0001bca3\U0001d159'
+    '\U0001d173-\U0001d17a\U000e0000-\U000e0fff]')
+# A combining mark with no letter to sit on (at the start, or after a blank
+# or ASCII punctuation) shows as nothing, or on the quote before it: the
+# blocks of combining marks in common use.
+BASELESS_MARK = re.compile(
+    '(?<![^\\s!-/:-@\\[-`{-~])[\u0300-\u036f\u0483-\u0489\u0591-\u05bd'
+    '\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06dc\u0e31\u0e34-\u0e3a'
+    '\u0e47-\u0e4e\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f'
+    '\U0001d165-\U0001d169\U0001d16d-\U0001d172\U0001d17b-\U0001d182'
+    '\U0001d185-\U0001d18b\U0001d1aa-\U0001d1ad]')
 
 
 def shows_as_itself(text):
     """True if every character of text shows as itself on a line."""
-    return text.isprintable() and (text.isascii()
-                                   or INVISIBLE.search(text) is None)
+    return text.isprintable() and (text.isascii() or (
+        INVISIBLE.search(text) is None and BASELESS_MARK.search(text) is None))
+
+
+def escaped_each(text, escaped):
+    """text with each character that does not show as itself, and each
+    baseless mark, written by escaped()."""
+    baseless = {mark.start() for mark in BASELESS_MARK.finditer(text)}
+    return ''.join(
+        escaped(char) if (n in baseless or not char.isprintable()
+                          or INVISIBLE.match(char)) else char
+        for n, char in enumerate(text))
+
+
+def backslash_escape(char):
+    return char.encode('unicode_escape').decode('ascii')
 
 
 def escape(text):
     """Return text that cannot split, forge or colour a log line.
 
     Printable characters stay (Cyrillic stays readable).  Control characters,
-    line and paragraph separators, bidi overrides, invisible characters, bytes
-    that were not UTF-8 (held as surrogates) and the backslash itself become
-    backslash escapes.
+    line and paragraph separators, bidi overrides, invisible characters,
+    baseless combining marks, bytes that were not UTF-8 (held as surrogates)
+    and the backslash itself become backslash escapes.
     """
     if text.isascii() and text.isprintable() and '\\' not in text:
         return text         # the common case, checked first
     if shows_as_itself(text) and '\\' not in text:
         return text
-    return ''.join(c if shows_as_itself(c) and c != '\\'
-                   else c.encode('unicode_escape').decode('ascii')
-                   for c in text)
+    return escaped_each(text.replace('\\', '\\\\'), backslash_escape)
 
 
 def json_escape(char):
@@ -210,7 +233,7 @@ def json_text(value):
     text = ''.join(JSON_CHUNKS(value, 0))     # to_json(value)
     if text.isascii() and text.isprintable() or shows_as_itself(text):
         return text
-    return ''.join(c if shows_as_itself(c) else json_escape(c) for c in text)
+    return escaped_each(text, json_escape)
 
 
 # The attributes of a LogRecord that no kek line shows: the same for every
@@ -507,53 +530,42 @@ def report(message):
         pass
 
 
-# -- What is never logged ------------------------------------------------------
+# -- What the log shows --------------------------------------------------------
+#
+# The only road from a client's bytes to a record.  Parsing and framing
+# record what arrived, raw; the functions of this section decide what of it
+# a record shows, and every record kind calls them:
+#
+#   shown(text)                   any client text: cut, credentials hidden
+#   shown_name(name)              a header's, parameter's or field's name
+#   shown_header(name, value)     a header's value (LOG_HEADERS respected)
+#   shown_url(target)             a URL or request target
+#   shown_params(params, text)    a query's or a form's parameters
+#   body_fields(data, media, cut) what a body record shows of a body's start
+#   quoted(data, size)            bytes kek did not parse (refusals, junk)
+#
+# Each applies the same rules: the name rule (secret_name(): a value whose
+# name looks secret shows as its length, '<14 bytes>'), the value rule
+# (hide_shapes(): a value shaped like a well-known credential shows as its
+# kind and length, '<github token, 40 bytes>', a JWT as what helps debug
+# it), nesting (shown_value(): a value that is a URL, a form or JSON is
+# shown through the same rules, MAX_NESTING deep) and, for text that has no
+# grammar kek knows, the free-text rule (hide_fields(): NAME=VALUE,
+# NAME: VALUE, "NAME": "VALUE", <NAME>VALUE</NAME>).  A hidden value is
+# always spelled by hidden(): '<SIZE>' or '<KIND, SIZE>'.
 
 TCHAR = r"!#$%&'*+.^_`|~0-9A-Za-z-"   # RFC 9110 token characters
 TOKEN = re.compile(r"[%s]+" % TCHAR, re.ASCII)
 TOKEN_CHARS = ("!#$%&'*+.^_`|~-0123456789abcdefghijklmnopqrstuvwxyz"
                "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
-# A name (of a header, a query parameter, a form field, a JSON key or a
-# multipart part) looks secret when one of its words is one of these, or
-# its plural.  Words are split at '-', '_', '.', any other punctuation and
-# case changes: 'X-Api-Key', 'access_token', 'accessToken', 'SAMLResponse'.
-SECRET_WORDS = frozenset((
-    'auth', 'authentication', 'authorization', 'token', 'secret', 'password',
-    'passwd', 'pass', 'pwd', 'passcode', 'passphrase', 'key', 'apikey',
-    'session', 'credential', 'signature', 'sig', 'hmac', 'jwt', 'assertion',
-    'saml', 'code', 'otp', 'csrf', 'xsrf', 'ticket', 'cookie', 'bearer'))
-# ... or when it has one of these anywhere, for names run together:
-# 'accesstoken', 'newpassword', 'PHPSESSID'.  Literal words, so the search
-# cannot backtrack.
-SECRET_PARTS = re.compile('token|secret|passw|passc|passph|credential'
-                          '|signature|session|sessid|csrf|xsrf|hmac|jwt|apikey'
-                          '|privatekey|accesskey|authkey')
-WORD = re.compile('[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+')
-
-
-@functools.lru_cache(maxsize=4096)
-def secret_name(name):
-    """True if a value of this name is to be shown by its length only.  A
-    name too long to be a real one counts as secret, unread; one with
-    characters that cannot be seen is read without them ('to\\0ken')."""
-    if len(name) > MAX_NAME_CHARS:
-        return True
-    if not name.isprintable():
-        name = ''.join(filter(str.isprintable, name))
-    if SECRET_PARTS.search(name.lower()):
-        return True
-    for word in WORD.findall(name):
-        word = word.lower()
-        if word in SECRET_WORDS or (word[-1] == 's'
-                                    and word[:-1] in SECRET_WORDS):
-            return True
-    return False
-
-
-def length(value):
-    """A secret as the log shows it: only its length, '<14 bytes>'."""
-    return '<%s>' % in_bytes(byte_count(value))
+MAX_NESTING = 3                 # a URL in a form in JSON...: past it, the length
+MAX_CACHED_NAME = 64            # names up to this long are remembered, the rest
+                                # judged anew: a cache no client can grow
+MAX_FREE_FIELDS = 1000          # NAME=VALUE candidates looked at in one text;
+                                # the rest of it is shown as its length
+MAX_JWT_CHARS = 8192            # a longer JWT is shown by its length only
+MAX_CLAIM_CHARS = 100           # an iss, aud or kid longer than this: its length
 
 
 def in_bytes(size):
@@ -566,17 +578,380 @@ def byte_count(text):
         text.encode('utf-8', 'surrogateescape'))
 
 
+def hidden(text, kind=None, cut=False):
+    """A value as the log shows it in its place: '<14 bytes>', '<github
+    token, 40 bytes>', '<7 bytes, cut>' (a value the preview ends in)."""
+    return '<%s%s%s>' % (kind + ', ' if kind else '', in_bytes(byte_count(text)),
+                         ', cut' if cut else '')
+
+
+def length(value):
+    """A value hidden by its name: only its length, '<14 bytes>'."""
+    return hidden(value)
+
+
+# The name rule.  A name (of a header, a query parameter, a form field, a
+# JSON key or a multipart part) looks secret when one of its words is one of
+# these, or its plural.  Words are split at '-', '_', '.', any other
+# punctuation and case changes: 'X-Api-Key', 'access_token', 'accessToken'.
+SECRET_WORDS = frozenset((
+    'auth', 'authentication', 'authorization', 'authorisation', 'oauth',
+    'token', 'secret', 'password', 'passwd', 'pass', 'pwd', 'pw', 'psw',
+    'passcode', 'passphrase', 'key', 'apikey', 'session', 'sid', 'credential',
+    'creds', 'signature', 'sig', 'sign', 'hmac', 'jwt', 'assertion', 'saml',
+    'code', 'otp', 'totp', 'pin', 'csrf', 'xsrf', 'ticket', 'cookie',
+    'bearer', 'verifier', 'private', 'privkey', 'mnemonic', 'seed', 'cvc',
+    'cvv', 'cvv2', 'ssn'))
+# ... or when it has one of these anywhere, for names run together:
+# 'accesstoken', 'userpass', 'DBPASS', 'PHPSESSID', 'SAMLart',
+# 'oauth_verifier'.  Literal words, so the search cannot backtrack.
+SECRET_PARTS = re.compile(
+    'token|secret|pass(?!eng|ag|iv|ion)|pwd|credential|signature|session|sessid|csrf|xsrf'
+    '|hmac|jwt|apikey|privatekey|privkey|accesskey|authkey|saml|verifier'
+    '|mnemonic|authori')
+WORD = re.compile('[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+')
+# Letters that look Latin but are not (Cyrillic, Greek), read as the Latin
+# letter they look like; NFKC first folds the fullwidth and mathematical ones.
+LOOKALIKES = str.maketrans(
+    'АВСЕНІЈКМОРЅТХУаесіјорѕхуԁԛԝһӏΑΒΕΖΗΙΚΜΝΟΡΤΥΧαιοκνρτυχ',
+    'ABCEHIJKMOPSTXYaecijopsxydqwhlABEZHIKMNOPTYXaiokvptux')
+# What a name is read without: characters that cannot be seen, and controls.
+UNSEEN = re.compile('[\x00-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160'
+                    '\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e'
+                    '\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0'
+                    '\U000e0000-\U000e0fff]')
+
+
+def secret_name(name):
+    """True if a value of this name is to be shown by its length only.  A
+    name too long to be a real one counts as secret, unread."""
+    if len(name) > MAX_CACHED_NAME:
+        return len(name) > MAX_NAME_CHARS or judged_secret(name)
+    return remembered_secret(name)
+
+
+def judged_secret(name):
+    """The name rule itself: lookalike letters folded, characters that
+    cannot be seen dropped ('to\\0ken'), then its words and parts."""
+    if not (name.isascii() and name.isprintable()):
+        name = UNSEEN.sub('', unicodedata.normalize('NFKC', name)
+                          .translate(LOOKALIKES))
+    if SECRET_PARTS.search(name.lower()):
+        return True
+    for word in WORD.findall(name):
+        word = word.lower()
+        if word in SECRET_WORDS or (word[-1] == 's'
+                                    and word[:-1] in SECRET_WORDS):
+            return True
+    return False
+
+
+# Names up to MAX_CACHED_NAME characters, 4096 of them: under 1 MiB.
+remembered_secret = functools.lru_cache(maxsize=4096)(judged_secret)
+
+# Text in which no name can be secret: none of these is in it, lower-cased.
+SECRET_HINTS = tuple(sorted(SECRET_WORDS - {'pw'})) + (
+    'pw', 'pass', 'sessid', 'privatekey', 'accesskey', 'authkey', 'verifier',
+    # a word whose first letter is a lookalike ('Аuthorization')
+    'uthori', 'assw', 'ecret', 'oken', 'ession')
+SECRET_HINT = re.compile('|'.join(sorted(map(re.escape, SECRET_HINTS),
+                                         key=len, reverse=True)), re.IGNORECASE)
+
+
+def may_name_a_secret(text):
+    """False when no name in text can look secret: most texts.  One C
+    search for each hint."""
+    if text.isascii():
+        lower = text.lower()
+        return any(hint in lower for hint in SECRET_HINTS)
+    return True         # a lookalike letter may spell one
+
+
+# The value rule: what a credential looks like, whatever its name (SPEC 3).
+# Each kind starts with a literal, so the search only tries where one may
+# begin.  A PEM block and userinfo are found apart, in C (hide_shapes()).
+CREDENTIALS = (
+    ('github token', r'gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,}'),
+    ('gitlab token', r'gl(?:pat|dt|rt|ptt|soat|oas|cbt|imt|agent)-'
+                     r'[A-Za-z0-9_-]{20,}'),
+    ('slack token', r'xox[bpareso]-[A-Za-z0-9-]{10,}|xapp-[A-Za-z0-9-]{10,}'),
+    ('slack webhook', r'hooks\.slack\.com/(?:services|workflows|triggers)/'
+                      r'[A-Za-z0-9/_-]{20,}'),
+    ('stripe key', r'[srp]k_(?:live|test)_[A-Za-z0-9]{10,}'),
+    ('webhook secret', r'whsec_[A-Za-z0-9+/=]{20,}'),
+    ('aws access key', r'(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|ANPA|ANVA|APKA)'
+                       r'[A-Z0-9]{16}'),
+    ('google api key', r'AIza[A-Za-z0-9_-]{35}'),
+    ('npm token', r'npm_[A-Za-z0-9]{36}'),
+    ('pypi token', r'pypi-[A-Za-z0-9_-]{50,}'),
+    ('anthropic key', r'sk-ant-[A-Za-z0-9_-]{20,}'),
+    ('openai key', r'sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_-]{20,}'
+                   r'|sk-[A-Za-z0-9]{48}'),
+    ('sendgrid key', r'SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}'),
+    ('twilio key', r'SK[0-9a-f]{32}'),
+    ('shopify token', r'shp(?:at|ss|ca|pa)_[A-Fa-f0-9]{32}'),
+    ('digitalocean token', r'do[opr]_v1_[a-f0-9]{64}'),
+    ('telegram bot token', r'[0-9]{8,10}:AA[A-Za-z0-9_-]{33}'),
+    ('jwt', r'eyJ[A-Za-z0-9_-]{2,}\.eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*'
+            r'(?:\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*)?'),
+    ('private key', r'-----BEGIN [A-Z0-9 ]{0,40}PRIVATE KEY( BLOCK)?-----'),
+)
+CREDENTIAL = re.compile('|'.join('(%s)' % pattern for _, pattern in CREDENTIALS),
+                        re.ASCII)
+CREDENTIAL_KINDS = (None,) + tuple(kind for kind, _ in CREDENTIALS)
+MIN_CREDENTIAL = 20             # no credential above is shorter
+PRIVATE_KEY_END = re.compile(r'-----END [A-Z0-9 ]{0,40}PRIVATE KEY( BLOCK)?-----')
+# For the first look, in C: a run of MIN_CREDENTIAL token characters.
+RUN_OF = bytes(ord('a') if chr(byte).isascii() and (chr(byte).isalnum()
+                                                    or chr(byte) in '_-')
+               else ord(' ') for byte in range(256))
+RUN = b'a' * MIN_CREDENTIAL
+
+
+def may_hold_credential(text):
+    """False when text cannot hold a credential's shape: most texts.  A
+    translate() and a find, in C."""
+    if len(text) < MIN_CREDENTIAL:
+        return '://' in text and '@' in text
+    data = text.encode('utf-8', 'surrogateescape')
+    return RUN in data.translate(RUN_OF) or (b'://' in data and b'@' in data)
+
+
+def hide_shapes(text):
+    """text with every credential shape hidden (the value rule), and the
+    userinfo of every URL in it ('https://ann:<8 bytes>@host')."""
+    if not may_hold_credential(text):
+        return text
+    if '://' in text and '@' in text:
+        text = hide_userinfo(text)
+    parts = []
+    done = 0
+    match = CREDENTIAL.search(text)
+    while match:
+        kind = CREDENTIAL_KINDS[match.lastindex]
+        end = match.end()
+        if kind == 'private key':       # to its END line, or to the end
+            last = PRIVATE_KEY_END.search(text, end)
+            end = last.end() if last else len(text)
+            shown_text = hidden(text[match.start():end], kind)
+        elif kind == 'jwt':
+            shown_text = described_jwt(match.group())
+        else:
+            shown_text = hidden(match.group(), kind)
+        parts.append(text[done:match.start()])
+        parts.append(shown_text)
+        done = end
+        match = CREDENTIAL.search(text, end)
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return ''.join(parts)
+
+
+# What ends the userinfo of a URL, or shows there was none.
+NOT_USERINFO = re.compile(r'[\s/?#"\'<>\\\[\]{}]')
+SCHEME_CHARS = frozenset('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
+                         '0123456789+.-')
+
+
+def hide_userinfo(text):
+    """Every scheme://user:password@host in text with the password as its
+    length; a user alone too (https://TOKEN@host/).  Each '://' is looked
+    at once, and what follows it no further than its authority."""
+    parts = []
+    done = at = 0
+    while True:
+        at = text.find('://', at)
+        if at < 0:
+            break
+        start = at + 3
+        end = NOT_USERINFO.search(text, start)
+        end = len(text) if end is None else end.start()
+        sign = text.rfind('@', start, end)
+        if sign > start and at and text[at - 1] in SCHEME_CHARS:
+            user, colon, password = text[start:sign].partition(':')
+            parts.append(text[done:start])
+            parts.append(user + ':' + length(password) if colon
+                         else length(user))
+            done = sign
+        at = start
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return ''.join(parts)
+
+
+JWT_FIELDS = ('alg', 'typ', 'kid')
+JWT_CLAIMS = ('iss', 'aud')
+JWT_TIMES = ('exp', 'nbf', 'iat')
+SAFE_CLAIM = re.compile(r'[A-Za-z0-9._:/+=-]{1,%d}' % MAX_CLAIM_CHARS, re.ASCII)
+
+
+def described_jwt(token):
+    """A JWT as the log shows it: its header's alg, typ and kid, its claims
+    iss and aud, and exp, nbf and iat as ages; never its signature, nor any
+    other claim (sub, email... may be personal data)."""
+    said = []
+    if len(token) <= MAX_JWT_CHARS:
+        header, payload = (jwt_part(part) for part in token.split('.')[:2])
+        for name in JWT_FIELDS:
+            said.append(claim(name, header.get(name)))
+        for name in JWT_CLAIMS:
+            said.append(claim(name, payload.get(name)))
+        for name in JWT_TIMES:
+            value = payload.get(name)
+            if isinstance(value, (int, float)) and abs(value) < 1e11:
+                said.append('%s=%s' % (name, age(value, name == 'exp')))
+    return '<jwt %s>' % ' '.join([part for part in said if part]
+                                 + [in_bytes(len(token))])
+
+
+def jwt_part(part):
+    """A JWT's header or payload, decoded; {} if it is not a JSON object."""
+    try:
+        value = json.loads(base64.urlsafe_b64decode(part + '=' * (-len(part) % 4)))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def claim(name, value):
+    """name=value if value is short plain text (a list of them: joined by
+    ','); name=<N bytes> if it is anything else."""
+    if value is None:
+        return ''
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        value = ','.join(value)
+    if isinstance(value, str) and SAFE_CLAIM.fullmatch(value) and not (
+            may_hold_credential(value) and hide_shapes(value) != value):
+        return '%s=%s' % (name, value)
+    return '%s=%s' % (name, length(value if isinstance(value, str)
+                                   else json.dumps(value)))
+
+
+def age(when, expires):
+    """A time as its distance from now: 'in 4m59s', '3m ago' ('expired 3m
+    ago' for exp)."""
+    seconds = int(when - time.time())
+    words = duration(abs(seconds))
+    if seconds >= 0:
+        return 'in ' + words
+    return ('expired %s ago' if expires else '%s ago') % words
+
+
+def duration(seconds):
+    """4m59s, 2h, 3d4h: its two largest units."""
+    units = []
+    for unit, size in (('d', 86400), ('h', 3600), ('m', 60), ('s', 1)):
+        if seconds >= size or (unit == 's' and not units):
+            units.append('%d%s' % (seconds // size, unit))
+            seconds %= size
+    return ''.join(units[:2])
+
+
+# The free-text rule: NAME=VALUE, NAME: VALUE, "NAME": "VALUE",
+# 'NAME': 'VALUE', <NAME>VALUE</NAME> in text kek has no grammar for.
+NAME_CHARS = frozenset('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
+                       '0123456789_.-$')
+UNQUOTED_END = re.compile(r'[\s&;,"\'<>]')
+# A value already hidden, as hidden() spells it: not hidden again.
+HIDDEN = re.compile(r'<(?:[a-z ]{1,24}, )?[0-9]+ bytes?(?:, cut)?>')
+
+
+def hide_fields(text):
+    """text with the value of every field whose name looks secret shown as
+    its length.  Each candidate name is found by a C search for a hint and
+    read no further than MAX_NAME_CHARS either side; past MAX_FREE_FIELDS
+    candidates, the rest of the text is shown as its length."""
+    if not may_name_a_secret(text):
+        return text
+    parts = []
+    done = 0        # text[:done] is in parts
+    looked = 0
+    for hint in SECRET_HINT.finditer(text):
+        if hint.start() < done:
+            continue
+        looked += 1
+        if looked > MAX_FREE_FIELDS:
+            parts.append(text[done:done])
+            parts.append(length(text[done:]))
+            done = len(text)
+            break
+        start, end = hint.start(), hint.end()
+        floor, ceiling = max(done, start - MAX_NAME_CHARS), end + MAX_NAME_CHARS
+        while start > floor and text[start - 1] in NAME_CHARS:
+            start -= 1
+        while end < len(text) and end < ceiling and text[end] in NAME_CHARS:
+            end += 1
+        value = field_value(text, start, end)
+        if (value is None or HIDDEN.match(text, value[0])
+                or not secret_name(text[start:end])):
+            continue
+        begin, finish = value
+        parts.append(text[done:begin])
+        parts.append(length(text[begin:finish]))
+        done = finish
+    if not parts:
+        return text
+    parts.append(text[done:])
+    return ''.join(parts)
+
+
+def field_value(text, start, end):
+    """Where the value of the name text[start:end] is, (begin, end), if the
+    name is followed as a field's name is: by '=' or ':' (after its closing
+    quote, if quoted, and blanks), or it is an XML tag's; else None."""
+    before = text[start - 1:start]
+    if before == '<':           # <NAME attributes>VALUE</NAME>
+        close = text.find('>', end, end + MAX_NAME_CHARS)
+        if close < 0 or text[close - 1] == '/':
+            return None
+        finish = text.find('<', close)
+        return close + 1, len(text) if finish < 0 else finish
+    at = end
+    if before in ('"', "'"):
+        if text[start - 2:start - 1] == '\\':
+            before = '\\' + before      # JSON inside a JSON string
+        if not text.startswith(before, at):
+            return None
+        at += len(before)
+    while text[at:at + 1] in (' ', '\t'):
+        at += 1
+    separator = text[at:at + 1]
+    if separator not in ('=', ':') or not separator:
+        return None
+    at += 1
+    while text[at:at + 1] in (' ', '\t'):
+        at += 1
+    for quote in ('\\"', '"', "'"):
+        if text.startswith(quote, at):
+            finish = text.find(quote, at + len(quote))
+            while finish > 0 and quote != '\\"' and text[finish - 1] == '\\':
+                finish = text.find(quote, finish + 1)
+            return at + len(quote), len(text) if finish < 0 else finish
+    if separator == ':':        # NAME: VALUE, to the end of its line
+        finish = min((found for found in (text.find('\n', at), text.find('\r', at))
+                      if found >= 0), default=len(text))
+        escaped = text.find('\\n', at, finish)     # a newline as JSON writes it
+        finish = finish if escaped < 0 else escaped
+    else:
+        found = UNQUOTED_END.search(text, at)
+        finish = len(text) if found is None else found.start()
+    return (at, finish) if finish > at else None
+
+
 # What may take an escape of up to ESCAPE_CHARS characters on a line
 # (\udcff, \u202e): anything but printable ASCII.  Counting it all as the
 # longest escape is safe; shows_as_itself() spares the text that has none.
 COSTLY = re.compile('[^ -~]')
-ESCAPE_CHARS = 6
+ESCAPE_CHARS = 6                # \udcff, \u202e
+ASTRAL_ESCAPE_CHARS = 10        # \U0001d159
 
 
 def fit(text, limit):
     """How many characters of text to show: as many as keep its escaped
     form within limit characters, and within twice the text's own size
-    (plus SHOWN_SLACK), though an escape takes six characters for a byte."""
+    (plus SHOWN_SLACK), though an escape takes six or ten characters for one."""
     head = text[:limit]
     if shows_as_itself(head):
         return len(head)
@@ -584,21 +959,35 @@ def fit(text, limit):
     size = at = 0       # the escaped size of text[:at]
     for match in COSTLY.finditer(text, 0, budget):
         plain = match.start() - at      # plain characters before it
-        if size + plain + ESCAPE_CHARS > budget:
+        escape_chars = (ESCAPE_CHARS if match.group() <= '\uffff'
+                        else ASTRAL_ESCAPE_CHARS)
+        if size + plain + escape_chars > budget:
             return at + min(plain, budget - size)
-        size += plain + ESCAPE_CHARS
+        size += plain + escape_chars
         at = match.start() + 1
     return min(len(text), at + budget - size)
 
 
-def shown(text, limit=MAX_SHOWN_CHARS):
-    """Client text as the log shows it: cut by fit(), and the cut said."""
-    if len(text) <= limit and text.isascii() and text.isprintable():
-        return text         # the common case, checked first
+def cut(text, limit):
+    """text cut by fit(), and the cut said."""
     end = fit(text, limit)
     if end >= len(text):
         return text
     return '%s...(%d chars in all)' % (text[:end], len(text))
+
+
+def shown(text, limit=MAX_SHOWN_CHARS):
+    """Client text as the log shows it: every credential's shape hidden,
+    then cut at limit, the cut said."""
+    if len(text) < MIN_CREDENTIAL and text.isascii() and text.isprintable() and (
+            '://' not in text):
+        return text         # the common case, checked first
+    return cut(hide_shapes(text), limit)
+
+
+def shown_name(name):
+    """A name as the log shows it: cut like a value, at MAX_NAME_CHARS."""
+    return shown(name, MAX_NAME_CHARS)
 
 
 # Authorization schemes shown before the credentials' length (the IANA
@@ -617,18 +1006,26 @@ COOKIE_NAME = re.compile('[%s]{1,64}' % TCHAR)
 # Headers whose value is a URL, shown as a URL is.
 URL_HEADERS = frozenset(('referer', 'origin', 'location', 'content-location',
                          'x-original-url', 'x-original-uri', 'x-rewrite-url',
-                         'x-forwarded-uri'))
+                         'x-forwarded-uri', 'x-forwarded-url', 'link'))
 
 
 def shown_header(name, value):
-    """A header's value as the log shows it (SPEC §3, "What is never
-    logged"): credentials never, the rest cut."""
+    """A header's value as the log shows it (SPEC 3, "What is never
+    logged"): credentials never, the rest cut; only its length when
+    LOG_HEADERS is off."""
+    if not LOG_HEADERS:
+        return length(value)
     return header_rule(name)(value)
 
 
-@functools.lru_cache(maxsize=4096)
 def header_rule(name):
     """The function that shows a value of the header of this name."""
+    if len(name) > MAX_CACHED_NAME:
+        return judged_header_rule(name)
+    return remembered_header_rule(name)
+
+
+def judged_header_rule(name):
     lower = name.lower()
     if lower == 'authorization' or lower == 'proxy-authorization':
         return shown_credentials
@@ -642,13 +1039,30 @@ def header_rule(name):
         return shown_codings
     if lower in URL_HEADERS:
         return shown_url
-    return shown
+    return shown_free
+
+
+# Names up to MAX_CACHED_NAME characters, 4096 of them: under 1 MiB.
+remembered_header_rule = functools.lru_cache(maxsize=4096)(judged_header_rule)
+
+
+def shown_free(value):
+    """A value with no grammar kek knows: the free-text rule and nesting
+    (a header holding a URL, a form or JSON), then shown()."""
+    if len(value) < MIN_CREDENTIAL and value.isalnum():
+        return value
+    return shown(shown_value(value))
 
 
 def shown_credentials(value):
-    """Authorization: its scheme if it is a known one, then the length."""
+    """Authorization: its scheme if it is a known one, then the length, or
+    what a JWT shows of itself."""
     scheme, blank, credentials = value.partition(' ')
     if blank and scheme.lower() in KNOWN_SCHEMES:
+        described = hide_shapes(credentials.strip(' \t'))
+        if described.startswith('<jwt ') and described.endswith('>') and (
+                described.count('<jwt ') == 1):
+            return '%s %s' % (scheme, described)
         return '%s %s' % (scheme, length(credentials))
     return length(value)
 
@@ -660,12 +1074,6 @@ def shown_content_length(value):
 def shown_codings(value):
     codings = {coding.strip(' \t').lower() for coding in value.split(',')}
     return shown(value) if codings <= KNOWN_CODINGS else length(value)
-
-
-def header_value(name, value):
-    """A header's value as a record may show it: by shown_header(), or only
-    by its length when LOG_HEADERS is off."""
-    return shown_header(name, value) if LOG_HEADERS else length(value)
 
 
 def shown_cookies(value):
@@ -683,21 +1091,36 @@ def shown_cookies(value):
     return '<cookies: %s>' % shown(', '.join(names))
 
 
-def shown_url(target, secrets=True):
-    """A request target as the log shows it: the values of secret-looking
-    query parameters, and userinfo in an absolute URL, as their length;
-    everything else as sent, cut at MAX_SHOWN_URL.  secrets=False: no
-    parameter's name is secret."""
-    if (not secrets and target[:1] == '/' != target[1:2]
-            and len(target) <= MAX_SHOWN_URL
-            and target.isascii() and target.isprintable()):
+# How a value that may be JSON starts, as sent.
+JSON_START = ('{', '[', '%7B', '%7b', '%5B', '%5b')
+# What ends a field of a query or a form, as the log reads it: a ';' too, as
+# some servers still take it (Rack before 3, Go before 1.17), though kek's
+# own parameters are split at '&' only.
+FIELD_END = re.compile('([&;])')
+# What a URL is cut into: its path, then each of ';' parameters, the '?'
+# query and the '#' fragment, whose fields follow the name rule.
+URL_PARTS = re.compile('([;?#])')
+
+
+def shown_url(target, depth=0):
+    """A URL or request target as the log shows it: the values of
+    secret-looking fields of its path parameters, query and fragment as
+    their length, and so a field whose value hides a secret (nesting);
+    userinfo as its length, and every credential's shape; everything else
+    as sent, cut at MAX_SHOWN_URL."""
+    if (len(target) < MIN_CREDENTIAL and target.isascii() and target.isprintable()
+            and '@' not in target and not may_name_a_secret(target)):
         return target       # the common case, checked first
-    path, question, query = target.partition('?')
+    if depth >= MAX_NESTING:
+        return length(target)
+    pieces = URL_PARTS.split(target)
+    path = pieces[0]
     if path[:1] != '/' or path[1:2] == '/':
         path = shown_authority(path)
-    if question and secrets:
-        query = shown_query(query)
-    return shown(path + question + query, MAX_SHOWN_URL)
+    for n in range(2, len(pieces), 2):
+        pieces[n] = shown_query(pieces[n], depth)
+    pieces[0] = path
+    return cut(hide_shapes(''.join(pieces)), MAX_SHOWN_URL)
 
 
 def shown_authority(path):
@@ -717,28 +1140,45 @@ def shown_authority(path):
     return scheme + sep + userinfo + at + host + slash + rest
 
 
-# What ends a field of a query or a form, as the log reads it: a ';' too, as
-# some servers still take it (Rack before 3, Go before 1.17), though kek's
-# own parameters are split at '&' only.
-FIELD_END = re.compile('([&;])')
-
-
-# How a value that may be JSON starts, as sent.
-JSON_START = ('{', '[', '%7B', '%7b', '%5B', '%5b')
-
-
-def shown_query(query):
-    """A query as sent, but for the values of secret-looking names, and
-    values that are JSON with a secret-looking key."""
+def shown_query(query, depth=0):
+    """A query (or a form, path parameters, a fragment) as sent, but for
+    the values of secret-looking names, and values that hide a secret (a
+    URL, a form or JSON with one, a credential's shape): their length."""
+    if not (may_name_a_secret(query) or may_hold_credential(query)):
+        return query
     fields = FIELD_END.split(query)
     redacted = False
     for n in range(0, len(fields), 2):
         name, equals, value = fields[n].partition('=')
-        if value and (secret_name(unquote(name)) or (
-                value.startswith(JSON_START) and secret_json(unquote(value)))):
-            fields[n] = name + '=' + length(unquote(value))
+        if not value:
+            continue
+        text = unquote(value)
+        if secret_name(unquote(name)) or shown_value(text, depth + 1) != text:
+            fields[n] = name + '=' + length(text)
             redacted = True
     return ''.join(fields) if redacted else query
+
+
+def shown_value(value, depth=0):
+    """A value as it may show: what hides a secret in it shown by its length
+    (nesting): JSON (as Slack posts a form's payload=) with the values of
+    secret-looking keys, a URL or a form with theirs, the rest by the
+    free-text rule; every credential's shape.  MAX_NESTING deep, then its
+    length if anything in it may be secret."""
+    if len(value) < MIN_CREDENTIAL and value.isalnum():
+        return value        # the common case, checked first
+    if not (may_name_a_secret(value) or may_hold_credential(value)):
+        return value
+    if depth >= MAX_NESTING:
+        return length(value)
+    start = value.lstrip(' \t\r\n\ufeff')[:1]
+    if start in ('{', '['):
+        value = redact_json(value, depth + 1)
+    elif '://' in value[:40] or value[:1] == '/':
+        value = shown_url(value, depth + 1)
+    elif '=' in value and FORM.fullmatch(value.strip(' \t\r\n')):
+        value = shown_query(value, depth + 1)
+    return hide_shapes(hide_fields(value))
 
 
 # Parameters read from this many characters are all shown as they are, but
@@ -748,15 +1188,13 @@ SHORT_PARAMS = min(MAX_SHOWN_CHARS, 2 * MAX_SHOWN_PARAMS)
 
 def shown_params(params, text):
     """Parameters (read from text, a query or a form) as the log shows them:
-    the values of secret-looking names as their length, and so what looks
+    the values of secret-looking names as their length, and what hides a
     secret in a value (shown_value()); every name and value cut, and at
     most MAX_SHOWN_PARAMS values; and how many values there were.  Most are
-    short, and all shown as they are."""
+    short and plain, and all shown as they are."""
     count = sum(map(len, params.values()))
     short = len(text) <= SHORT_PARAMS       # none to cut, nor too many
-    # A value hides nothing without a ';', or a '"' (JSON keys are quoted).
-    if (short and ';' not in text and '"' not in text and '%22' not in text
-            and not any(map(secret_name, params))):
+    if short and not (may_name_a_secret(text) or may_hold_credential(text)):
         return params, count
     shown_ones = {}
     room = MAX_SHOWN_PARAMS
@@ -767,25 +1205,11 @@ def shown_params(params, text):
         values = [length(value) if secret else shown_value(value)
                   for value in values]
         if not short:
-            name, values = shown(name), [shown(value) for value in values]
+            name, values = shown_name(name), [shown(value) for value in values]
         shown_ones[name] = values
         if not room:
             break
     return shown_ones, count
-
-
-def secret_json(text):
-    """True if text is JSON that has a secret-looking key."""
-    return redact_json(text) != text
-
-
-def shown_value(value):
-    """A parameter's value, but for what may hide a secret in it: JSON (as
-    Slack posts a form's payload=) with the values of secret-looking keys as
-    their length, and so a name=value after a ';'."""
-    if value.lstrip(' \t\r\n')[:1] in ('{', '['):
-        return redact_json(value)
-    return shown_query(value) if ';' in value else value
 
 
 def media_type(content_type):
@@ -815,8 +1239,9 @@ def body_kind(text, media, cut):
     type, or its first character), 'a form' (by its type, or by its look
     unless its type is JSON or XML), 'text', or else 'binary'.  A body cut
     short may end in the middle of a character."""
-    if is_json_type(media) or (not is_xml_type(media)
-                               and text.lstrip(' \t\r\n')[:1] in ('{', '[')):
+    start = text.lstrip(' \t\r\n\ufeff')[:1]
+    if (is_json_type(media) and start in ('{', '[', '"')) or (
+            not is_xml_type(media) and start in ('{', '[')):
         return 'JSON'
     if media == 'application/x-www-form-urlencoded' or (
             not is_xml_type(media) and FORM.fullmatch(text.strip(' \t\r\n'))):
@@ -829,7 +1254,9 @@ def body_kind(text, media, cut):
 def body_fields(data, media, cut):
     """What the body record shows of a body's first bytes (data): a form's
     fields like the query's, JSON with the values of secret-looking keys as
-    their length, text as it is, anything else in base64."""
+    their length, text by the free-text rule, anything else in base64 —
+    unless a credential's shape or a secret-looking name may be in it,
+    then by its size only."""
     text = as_text(data)
     kind = body_kind(text, media, cut)
     if kind == 'a form':
@@ -838,26 +1265,28 @@ def body_fields(data, media, cut):
             return {'form': form, 'form_values': count}
         return {'form': form}
     if kind == 'binary':
+        if SECRET_HINT.search(text) or hide_shapes(text) != text:
+            return {'preview_binary': 'not shown: it may hold a secret'}
         return {'preview_base64': base64.b64encode(data).decode('ascii')}
     if kind == 'JSON':
         text = redact_json(text)
-    return {'preview': shown(text, 2 * len(data) + SHOWN_SLACK)}
+    return {'preview': shown(hide_fields(text), 2 * len(data) + SHOWN_SLACK)}
 
 
 JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[{}\[\]:,]|[^\s{}\[\]:,"]+')
-# Text in which no key can be secret: none of these is in it.
-SECRET_HINTS = tuple(sorted(SECRET_WORDS)) + (
-    'passw', 'passc', 'passph', 'sessid', 'privatekey', 'accesskey', 'authkey',
-    '\\u')
+# Text in which no key can be secret: no hint is in it, nor an escape.
+JSON_HINTS = SECRET_HINTS + ('\\u',)
 
 
-def redact_json(text):
+def redact_json(text, depth=0):
     """JSON text (maybe cut short, maybe not JSON at all) with the values of
     secret-looking keys, at any depth, as their length: '"<7 bytes>"', or
-    '"<7 bytes, cut>"' where the text ends inside one.  One pass over its
-    tokens, each found by a pattern that cannot backtrack."""
+    '"<7 bytes, cut>"' where the text ends inside one; and string values
+    that hide a secret (nesting) the same.  One pass over its tokens, each
+    found by a pattern that cannot backtrack."""
     lower = text.lower()
-    if not any(hint in lower for hint in SECRET_HINTS):
+    if not any(hint in lower for hint in JSON_HINTS) and not (
+            may_hold_credential(text)):
         return text         # no key can be secret: most bodies
     parts = []
     done = 0                # text[:done] is in parts
@@ -870,26 +1299,28 @@ def redact_json(text):
         char = token.group()[0]
         if value_of is not None:
             secret, value_of = secret_name(value_of), None
+            if not secret and char == '"' and len(token.group()) > MIN_CREDENTIAL // 2:
+                string = json_string(token.group())
+                secret = shown_value(string, depth + 1) != string
             if secret:
-                start, end, depth = token.start(), token.end(), 0
+                start, end, depth_in = token.start(), token.end(), 0
                 if char in '{[':
-                    depth = 1
+                    depth_in = 1
                     for inner in tokens:
                         end = inner.end()
                         first = inner.group()[0]
-                        depth += (first in '{[') - (first in '}]')
-                        if not depth:
+                        depth_in += (first in '{[') - (first in '}]')
+                        if not depth_in:
                             break
                 value = text[start:end]
                 if char == '"':
                     done_string = len(value) > 1 and value.endswith('"')
                     value = value[1:-1] if done_string else value[1:]
-                    cut = not done_string
+                    was_cut = not done_string
                 else:
-                    cut = depth > 0 or end == len(text)
+                    was_cut = depth_in > 0 or end == len(text)
                 parts.append(text[done:start])
-                parts.append('"<%s%s>"' % (in_bytes(byte_count(value)),
-                                           ', cut' if cut else ''))
+                parts.append('"%s"' % hidden(value, cut=was_cut))
                 done = end
                 key_next = False
                 continue
@@ -918,11 +1349,14 @@ def redact_json(text):
 
 def json_string(token):
     """The text a JSON string token stands for; its raw inside if it is cut
-    short or not valid JSON."""
+    short or not valid JSON.  Only a token with an escape is decoded."""
+    inside = token[1:-1] if len(token) > 1 and token.endswith('"') else token[1:]
+    if '\\' not in inside:
+        return inside
     try:
         return json.loads(token)
     except ValueError:
-        return token[1:-1] if len(token) > 1 and token.endswith('"') else token[1:]
+        return inside
 
 
 # What quoted() takes for a header line, one that lost its colon, and a
@@ -932,15 +1366,17 @@ HEADER_LIKE = re.compile(r'((?:[%s]|[^\x00-\x7f]){1,%d})([ \t]*):'
 NAME_LIKE = re.compile(r'([%s]{1,%d})[ \t]+' % (TCHAR, MAX_NAME_CHARS), re.ASCII)
 REQUEST_LIKE = re.compile(r'[%s]{1,%d}(?= +(?:[/*]|[A-Za-z][A-Za-z0-9+.-]{0,31}:))'
                           % (TCHAR, MAX_METHOD_CHARS), re.ASCII)
+VERSION_LIKE = re.compile(r'[A-Za-z0-9/.]{1,16}', re.ASCII)
 
 
 def quoted(data, size=None):
     """Client bytes (or text) kek did not parse, as the log may show them: a
     bad line, junk, bytes after the last request.  A line that reads 'Name:
     value' is shown as that header would be, a request line with its URL as
-    an arrival's is, and anything else by its size and kind, with no more
-    of it than LOG_BODY would show of a body.  size is that of all the
-    bytes, of which data is the start."""
+    an arrival's is (all of it up to its version, blanks and all), and
+    anything else by its size and kind, with no more of it than LOG_BODY
+    would show of a body.  size is that of all the bytes, of which data is
+    the start."""
     text = data if isinstance(data, str) else as_text(data)
     if not text:
         return 'an empty line'
@@ -952,9 +1388,11 @@ def quoted(data, size=None):
     method = REQUEST_LIKE.match(line, blanks)
     if method:
         at = len(line) - len(line[method.end():].lstrip(' '))
-        target, space, tail = line[at:].partition(' ')
+        target, space, version = line[at:].rpartition(' ')
+        if not (space and VERSION_LIKE.fullmatch(version)):
+            target, space, version = line[at:], '', ''
         return '%s%s%s%s%s' % (line[:at], shown_url(target), space,
-                               shown(tail), more)
+                               shown(version), more)
     header = header_line(line)
     if header is not None:
         return header + more
@@ -972,11 +1410,11 @@ def header_line(line):
     header = HEADER_LIKE.match(line, blanks)
     if header:
         name, value = header.group(1), line[header.end():].strip(' \t')
-        return '%s%s%s: %s' % (line[:blanks], shown(name), header.group(2),
-                               header_value(name, value))
+        return '%s%s%s: %s' % (line[:blanks], shown_name(name), header.group(2),
+                               shown_header(name, value))
     header = NAME_LIKE.match(line, blanks)
-    if header and header_rule(header.group(1)) is not shown:
-        return line[:header.end()] + header_value(header.group(1),
+    if header and header_rule(header.group(1)) is not shown_free:
+        return line[:header.end()] + shown_header(header.group(1),
                                                   line[header.end():])
     return None
 
@@ -985,26 +1423,28 @@ def shown_continuation(name, text):
     """A line that continues the value of header name (obs-fold), by the
     stricter of two rules: as a part of that value, or, if such values are
     shown as they are, as a header line gone astray would be."""
-    if header_rule(name) is shown:
-        return header_line(text) or header_value(name, text)
-    return header_value(name, text)
+    if header_rule(name) is shown_free:
+        return header_line(text) or shown_header(name, text)
+    return shown_header(name, text)
 
 
 def viewed(text, size, keep):
     """The kind of some bytes (text: their start, decoded with
     surrogateescape; size bytes in all), and what the log shows of their
     first keep characters, cut: a form, JSON or text with what looks secret
-    by its length, anything else in hex."""
+    by its length, anything else in hex, unless it may hide a secret."""
     kind = body_kind(text, '', byte_count(text) < size)
     text = text[:keep]
     if kind == 'binary':
+        if SECRET_HINT.search(text) or hide_shapes(text) != text:
+            return kind, '(not shown: it may hold a secret)'
         return kind, text[:MAX_SHOWN_CHARS // 2].encode(
             'utf-8', 'surrogateescape')[:MAX_SHOWN_CHARS // 2].hex()
     if kind == 'a form':
         text = shown_query(text)
-    else:       # JSON, or text that may hold some ('3;{"token": ...')
+    elif kind == 'JSON':
         text = redact_json(text)
-    return kind, shown(text)
+    return kind, shown(hide_fields(text))
 
 
 # -- Parsing and framing -------------------------------------------------------
@@ -1292,7 +1732,7 @@ def body_reader(request):
             raise Refused('Transfer-Encoding together with Content-Length')
         if coding.lower() != 'chunked':
             raise Refused('Transfer-Encoding %s is not supported, only'
-                          ' chunked' % header_value('transfer-encoding', coding))
+                          ' chunked' % shown_header('transfer-encoding', coding))
         request.declared = 'chunked'
         return ChunkedReader()
     if length is None:
@@ -1303,7 +1743,7 @@ def body_reader(request):
     value = values.pop() if len(values) == 1 else ''
     if not DIGITS.fullmatch(value):
         raise Refused('Content-Length %s is not one length'
-                      % header_value('content-length', length))
+                      % shown_header('content-length', length))
     if len(value) > MAX_LENGTH_DIGITS:      # before int() reads them all
         raise Refused('Content-Length of %d digits is over %d'
                       % (len(value), MAX_LENGTH_DIGITS))
@@ -2019,10 +2459,10 @@ def log_preflight(request):
     # Header values all, shown as the arrival shows them (by their length
     # only, with LOG_HEADERS off).
     request.log.info('preflight for %s from %s%s' % (
-        header_value('Access-Control-Request-Method',
+        shown_header('Access-Control-Request-Method',
                      headers['access-control-request-method']),
-        header_value('Origin', headers['origin']),
-        ', headers ' + header_value('Access-Control-Request-Headers', asked)
+        shown_header('Origin', headers['origin']),
+        ', headers ' + shown_header('Access-Control-Request-Headers', asked)
         if asked else ''))
 
 
@@ -2414,7 +2854,7 @@ def log_arrival(request):
     params, count = shown_params(request.params, request.query)
     # The URL's query needs looking at only if a parameter was not shown
     # as it is: a secret-looking one, or one cut.
-    url = shown_url(request.target, secrets=params is not request.params)
+    url = shown_url(request.target)
     fields = {'method': request.method, 'url': url, 'client': request.client}
     if request.declared == 'chunked':
         fields['transfer_encoding'] = 'chunked'
@@ -2429,7 +2869,7 @@ def log_arrival(request):
     if 'traceparent' in headers:
         fields['traceparent'] = shown(headers['traceparent'])
     if LOG_HEADERS:
-        fields['headers'] = [(name, header_rule(name)(value))
+        fields['headers'] = [(shown_name(name), header_rule(name)(value))
                              for name, value in request.header_list]
     request.log.info('%s %s' % (request.method, url),
                      extra={'fields': fields, 'text_line': arrival_text})
@@ -2488,7 +2928,7 @@ def body_text(record):
     text = 'body %d bytes type=%s sha256=%s' % (
         fields['body_bytes'], json_text(fields['content_type']),
         fields['sha256'])
-    for name in ('form', 'preview', 'preview_base64', 'parts'):
+    for name in ('form', 'preview', 'preview_base64', 'preview_binary', 'parts'):
         if name in fields:
             text += ' %s=%s' % (name, json_text(fields[name]))
     if 'form_values' in fields:
@@ -2536,7 +2976,7 @@ def query(request):
         errors.append('method %s is not allowed' % request.method)
     if request.path != '/api':
         errors.append('path %s is not /api'
-                      % shown_url(request.path, secrets=False))
+                      % shown_url(request.path))
     if '1' in request.params.get('invalid', ()):
         errors.append('parameter invalid=1')
     for error in errors:
@@ -2829,7 +3269,7 @@ def read_settings(argv, environ):
                         ' one (default: $PORT or %d)' % (MAX_PORT, DEFAULT_PORT))
     parser.add_argument('--host', help='address to bind, IPv4 or IPv6'
                         ' (default: $HOST or %s)' % DEFAULT_HOST)
-    for arg in argv or ():
+    for arg in argv:
         name = arg.partition('=')[0]
         if name.startswith('-') and secret_name(name.lstrip('-')):
             raise SettingError('%s: a secret is never an argument (a command'
@@ -2900,7 +3340,7 @@ def configure(settings):
     CORS = settings['cors']
     WEBHOOK_SECRET = settings['webhook_secret']
     WEBHOOK_SIGNATURE_HEADER = settings['webhook_signature_header']
-    header_rule.cache_clear()       # it reads WEBHOOK_SIGNATURE_HEADER
+    remembered_header_rule.cache_clear()    # it reads WEBHOOK_SIGNATURE_HEADER
 
 
 def keep_standard_fds_open():
@@ -2916,7 +3356,11 @@ def keep_standard_fds_open():
 
 
 def main(argv=None, environ=os.environ):
+    """Run kek with argv (the command line's arguments, sys.argv's by
+    default) and environ; the exit status."""
     keep_standard_fds_open()
+    if argv is None:
+        argv = sys.argv[1:]     # read here: the check of secrets needs them
     try:
         settings = read_settings(argv, environ)
         try:
