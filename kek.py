@@ -581,7 +581,13 @@ def byte_count(text):
 def hidden(text, kind=None, cut=False):
     """A value as the log shows it in its place: '<14 bytes>', '<github
     token, 40 bytes>', '<7 bytes, cut>' (a value the preview ends in)."""
-    return '<%s%s%s>' % (kind + ', ' if kind else '', in_bytes(byte_count(text)),
+    return hidden_size(byte_count(text), kind, cut)
+
+
+def hidden_size(size, kind=None, cut=False):
+    """The one spelling of a value the log does not show: its size, after
+    its kind if it has one."""
+    return '<%s%s%s>' % (kind + ', ' if kind else '', in_bytes(size),
                          ', cut' if cut else '')
 
 
@@ -1428,6 +1434,114 @@ def shown_continuation(name, text):
     return shown_header(name, text)
 
 
+# A parameter of a part's Content-Disposition, in each spelling RFC 7578
+# and RFC 2231 allow: quoted or not, blanks around '=', name*=UTF-8''...
+DISPOSITION_PARAMETER = re.compile(
+    r';[ \t]*([^\s=;"]{1,%d})[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^;]*)'
+    % MAX_NAME_CHARS)
+FOLDED = re.compile(r'\r\n[ \t]+')
+
+
+def part_fields(head):
+    """name, filename and type of a part, from its header lines as sent
+    (folded lines unfolded; an extended name*= wins over its plain twin);
+    None for what it does not say."""
+    fields = {}
+    for line in FOLDED.sub(' ', head).split('\r\n'):
+        header, colon, value = line.partition(':')
+        header = header.strip(' \t').lower()
+        if header == 'content-type':
+            fields['type'] = value.strip(' \t')
+        elif header == 'content-disposition':
+            for match in DISPOSITION_PARAMETER.finditer(value):
+                name, text = match.group(1).lower(), match.group(2).strip(' \t')
+                if text.startswith('"'):
+                    text = re.sub(r'\\(.)', r'\1', text[1:-1])
+                if name.endswith('*'):
+                    name, text = name[:-1], extended_value(text)
+                    fields[name] = text
+                elif name not in fields:
+                    fields[name] = text
+    return fields
+
+
+def extended_value(text):
+    """An RFC 2231 value, charset'language'percent-encoded, decoded."""
+    charset, _, rest = text.partition("'")
+    _, _, encoded = rest.partition("'")
+    data = unquote(encoded.replace('+', '%2B')).encode('utf-8', 'surrogateescape')
+    try:
+        return data.decode(charset or 'utf-8')
+    except (LookupError, UnicodeDecodeError):
+        return as_text(data)
+
+
+def shown_parts(reader):
+    """The fields a body record shows of a multipart body's parts: each
+    part's name, filename, type and size, and a text field's value by the
+    rules of a body — by its length if its name looks secret, not at all
+    if it has no name kek can read, or if it is a file."""
+    reader.finish()
+    parts = []
+    for part in reader.parts:
+        fields = part_fields(part.head)
+        shown_part = {}
+        for name in ('name', 'filename', 'type'):
+            if name in fields:
+                shown_part[name] = (shown_name(fields[name]) if name == 'name'
+                                    else shown(fields[name]))
+        shown_part['bytes'] = part.size
+        name = fields.get('name')
+        if 'filename' in fields:
+            pass                        # a file: never its contents
+        elif not name or secret_name(name):
+            shown_part['value'] = hidden_size(part.size)
+        else:
+            kind, value = viewed(as_text(part.start), part.size, LOG_BODY)
+            shown_part['value'] = (hidden_size(part.size, 'binary')
+                                   if kind == 'binary' else value)
+        parts.append(shown_part)
+    fields = {'parts': parts}
+    if reader.count > len(parts):
+        fields['parts_count'] = reader.count
+    if reader.broken:
+        fields['parts_broken'] = reader.broken
+    return fields
+
+
+def shown_continuation_of(name, text):
+    return 'of %s: %s' % (shown_name(name), shown_continuation(name, text))
+
+
+def shown_server_name(name):
+    if not name:
+        return 'no server name in its first bytes'
+    return 'server name %s' % shown(as_text(name))
+
+
+def shown_proxy_line(line):
+    if PROXY_V1.fullmatch(line):
+        return shown(as_text(line))     # addresses and ports, checked
+    return quoted(line)
+
+
+# How each kind of evidence a refusal carries is shown (Refused).
+EVIDENCE = {
+    'bytes': quoted,                            # data, size (or None)
+    'header': shown_header,                     # name, value
+    'continuation': shown_continuation_of,      # the name, the line
+    'server name': shown_server_name,           # a TLS hello's SNI, or None
+    'proxy line': shown_proxy_line,             # a PROXY v1 line
+}
+
+
+def shown_refusal(refusal):
+    """A refusal's reason, with its evidence shown by the rules above."""
+    if refusal.kind is None:
+        return refusal.reason
+    return refusal.reason % EVIDENCE[refusal.kind](*refusal.evidence)
+
+
 def viewed(text, size, keep):
     """The kind of some bytes (text: their start, decoded with
     surrogateescape; size bytes in all), and what the log shows of their
@@ -1472,7 +1586,18 @@ class Refused(Exception):
     """A request kek answers with this error and then closes the connection:
     its head does not parse, its body's framing is broken or too large, it
     is not HTTP/1.x at all, or it came too slowly.  After it, where the next
-    request would start cannot be known."""
+    request would start cannot be known.
+
+    It carries facts, raw: the reason, with '%s' where the evidence goes,
+    and the evidence as what it is ('bytes', 'header' ...) and the bytes or
+    text themselves.  Only "What the log shows" makes text of the evidence
+    (shown_refusal()); a parser never decides what the log shows."""
+
+    def __init__(self, reason, kind=None, *evidence):
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind            # a key of EVIDENCE, or None
+        self.evidence = evidence
 
 
 class Request:
@@ -1558,7 +1683,7 @@ class HeadReader:
         if inbuf[0] in FOREIGN_FIRST_BYTES:
             foreign = foreign_protocol(inbuf)
             if foreign:
-                raise Refused('not an HTTP/1.x request: %s' % foreign)
+                raise foreign
         new = self.scanned
         end = inbuf.find(b'\r\n\r\n', max(0, new - 3))
         self.scanned = len(inbuf)
@@ -1572,8 +1697,8 @@ class HeadReader:
             raise Refused('bare LF (not CRLF) in the request head')
         if end < 0:
             if not METHOD_START.match(inbuf):
-                raise Refused('not an HTTP request: %s'
-                              % quoted(inbuf[:QUOTED_BYTES], len(inbuf)))
+                raise Refused('not an HTTP request: %s', 'bytes',
+                              bytes(inbuf[:QUOTED_BYTES]), len(inbuf))
             return None
         head = bytes(inbuf[:end + 2])
         del inbuf[:end + 4]
@@ -1594,8 +1719,8 @@ def parse_head(request, head):
     lines = head.decode('utf-8', 'surrogateescape').split('\r\n')[:-1]
     match = REQUEST_LINE.fullmatch(lines[0])
     if not match:
-        raise Refused("request line is not 'METHOD TARGET HTTP/1.x': %s"
-                      % quoted(lines[0]))
+        raise Refused("request line is not 'METHOD TARGET HTTP/1.x': %s",
+                      'bytes', lines[0], None)
     method, target, minor = match.groups()
     if '#' in target:
         raise Refused('request target with a # fragment')
@@ -1609,10 +1734,10 @@ def parse_head(request, head):
         if field is None and line[:1] in (' ', '\t') and header_list:
             name = header_list[-1][0]       # obs-fold: a part of its value
             raise Refused("header line is not 'Name: value': a continuation"
-                          " of %s: %s" % (name, shown_continuation(
-                              name, line.strip(' \t'))))
+                          " %s", 'continuation', name, line.strip(' \t'))
         if field is None:
-            raise Refused("header line is not 'Name: value': %s" % quoted(line))
+            raise Refused("header line is not 'Name: value': %s", 'bytes',
+                          line, None)
         name, value = field
         header_list.append((name, value))
         name = name.lower()
@@ -1732,7 +1857,7 @@ def body_reader(request):
             raise Refused('Transfer-Encoding together with Content-Length')
         if coding.lower() != 'chunked':
             raise Refused('Transfer-Encoding %s is not supported, only'
-                          ' chunked' % shown_header('transfer-encoding', coding))
+                          ' chunked', 'header', 'Transfer-Encoding', coding)
         request.declared = 'chunked'
         return ChunkedReader()
     if length is None:
@@ -1742,8 +1867,8 @@ def body_reader(request):
     values = {value.strip(' \t') for value in length.split(',')}
     value = values.pop() if len(values) == 1 else ''
     if not DIGITS.fullmatch(value):
-        raise Refused('Content-Length %s is not one length'
-                      % shown_header('content-length', length))
+        raise Refused('Content-Length %s is not one length', 'header',
+                      'Content-Length', length)
     if len(value) > MAX_LENGTH_DIGITS:      # before int() reads them all
         raise Refused('Content-Length of %d digits is over %d'
                       % (len(value), MAX_LENGTH_DIGITS))
@@ -1756,7 +1881,7 @@ def body_reader(request):
 def body_of(request):
     """The Body that is fed the request's body: LOG_BODY bytes of it, the
     parts if it is multipart/form-data, the signatures it carries."""
-    return Body(LOG_BODY, multipart_summary(request), signatures_of(request))
+    return Body(LOG_BODY, multipart_reader(request), signatures_of(request))
 
 
 class Body:
@@ -1770,7 +1895,7 @@ class Body:
         self.sha256 = hashlib.sha256()
         self.keep = keep
         self.preview = bytearray()
-        self.parts = parts          # a MultipartSummary, or None
+        self.parts = parts          # a MultipartReader, or None
         self.signatures = signatures    # Signatures, or None
 
     def add(self, data):
@@ -1787,8 +1912,9 @@ class Body:
 
 BOUNDARY = re.compile(r';[ \t]*boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))',
                       re.IGNORECASE)
-PART_PARAMETER = re.compile(r';[ \t]*(name|filename)="([^"]*)"', re.IGNORECASE)
 MAX_PART_HEAD_BYTES = 8 * 1024
+MAX_PARTS = 1000                # werkzeug's max_form_parts: past it, a body's
+                                # parts are no longer read, and it says so
 
 # The steps of a multipart body (RFC 2046 5.1.1, RFC 7578).
 PREAMBLE = 'preamble'           # up to the first delimiter
@@ -1798,8 +1924,8 @@ PART_DATA = 'part data'         # up to the next delimiter
 EPILOGUE = 'epilogue'           # after the last one, or after a broken part
 
 
-def multipart_summary(request):
-    """A MultipartSummary for a multipart/form-data body, if any of a body
+def multipart_reader(request):
+    """A MultipartReader for a multipart/form-data body, if any of a body
     is shown at all; else None.  Without a boundary its parts cannot be
     told apart, and none of it is shown: its files may be anywhere."""
     content_type = request.headers.get('content-type', '')
@@ -1807,70 +1933,79 @@ def multipart_summary(request):
         return None
     match = BOUNDARY.search(content_type)
     if match is None:
-        summary = MultipartSummary(b'')
-        summary.stop('no boundary in its Content-Type')
-        return summary
-    return MultipartSummary((match.group(1) or match.group(2)).encode(
+        reader = MultipartReader(b'')
+        reader.stop('no boundary in its Content-Type')
+        return reader
+    return MultipartReader((match.group(1) or match.group(2)).encode(
         'utf-8', 'surrogateescape'))
 
 
-class MultipartSummary:
-    """The parts of a multipart/form-data body, fed its bytes as they arrive:
-    each part's name, filename, type and size, and a text field's value,
-    shown by the rules of a body (by its length, if its name looks secret);
-    never a file's contents.  At most MAX_SHOWN_PARTS parts are kept, each
-    with at most QUOTED_BYTES of its value, and the bytes between two feeds
-    are at most a delimiter long, so memory is bounded."""
+class Part:
+    """One part of a multipart body, as it came: its head (the header lines,
+    raw), its size, and the first QUOTED_BYTES of its contents."""
+
+    def __init__(self, head):
+        self.head = head
+        self.size = 0
+        self.start = bytearray()
+
+
+class MultipartReader:
+    """The parts of a multipart/form-data body, fed its bytes as they arrive
+    (facts only: what the log shows of them is shown_parts()'s).  At most
+    MAX_SHOWN_PARTS parts are kept, each with at most QUOTED_BYTES of its
+    contents, and the bytes between two feeds are at most a delimiter
+    long, so memory is bounded; past MAX_PARTS parts, it stops reading.
+    Each feed is searched by position, never copied part by part."""
 
     def __init__(self, boundary):
         self.delimiter = b'\r\n--' + boundary
         self.buffer = b'\r\n'       # the first delimiter has no CRLF before it
         self.step = PREAMBLE
-        self.parts = []             # the summaries shown
+        self.parts = []             # the first MAX_SHOWN_PARTS parts
         self.count = 0              # parts in all
-        self.part = None            # the summary of the part being read
-        self.value = bytearray()    # the start of a text field's value
+        self.part = None            # the part being read, if kept
         self.broken = None          # why the body is not well formed
 
     def add(self, data):
         buffer = self.buffer + data
-        while buffer:
+        at = 0                      # buffer[:at] is read
+        while at < len(buffer):
             if self.step is PREAMBLE or self.step is PART_DATA:
-                at = buffer.find(self.delimiter)
-                end = at if at >= 0 else max(0, len(buffer) - len(self.delimiter))
-                if self.step is PART_DATA:
-                    self.take(buffer[:end])
-                if at < 0:
-                    buffer = buffer[end:]
+                found = buffer.find(self.delimiter, at)
+                end = found if found >= 0 else max(
+                    at, len(buffer) - len(self.delimiter))
+                if self.step is PART_DATA and self.part is not None:
+                    self.take(buffer, at, end)
+                at = end
+                if found < 0:
                     break
-                self.end_part()
-                buffer = buffer[at + len(self.delimiter):]
+                at += len(self.delimiter)
                 self.step = DELIMITED
             elif self.step is DELIMITED:
-                if len(buffer) < 2:
+                if len(buffer) - at < 2:
                     break
-                if buffer.startswith(b'--'):
+                if buffer.startswith(b'--', at):
                     self.step = EPILOGUE
-                elif buffer.startswith(b'\r\n'):
-                    buffer = buffer[2:]
+                elif buffer.startswith(b'\r\n', at):
+                    at += 2
                     self.step = PART_HEAD
                 else:
                     self.stop('a delimiter not followed by CRLF')
             elif self.step is PART_HEAD:
-                end = buffer.find(b'\r\n\r\n')
-                if buffer.startswith(b'\r\n'):
-                    end = -2            # an empty head: its blank line alone
+                end = buffer.find(b'\r\n\r\n', at, at + MAX_PART_HEAD_BYTES + 4)
+                if buffer.startswith(b'\r\n', at):
+                    end = at - 2        # an empty head: its blank line alone
                 if end == -1:
-                    if len(buffer) > MAX_PART_HEAD_BYTES:
+                    if len(buffer) - at > MAX_PART_HEAD_BYTES:
                         self.stop('a part head over %d bytes'
                                   % MAX_PART_HEAD_BYTES)
                     break
-                self.start_part(as_text(buffer[:max(end, 0)]))
-                buffer = buffer[end + 4:]
-                self.step = PART_DATA
+                self.start_part(buffer[at:max(end, at)])
+                at = end + 4
             else:
-                buffer = b''        # the epilogue is not looked at
-        self.buffer = buffer
+                at = len(buffer)        # the epilogue is not looked at
+        self.buffer = buffer[at:]
 
     def stop(self, why):
         self.broken = why
@@ -1878,53 +2013,29 @@ class MultipartSummary:
 
     def start_part(self, head):
         self.count += 1
-        part = {}
-        for line in head.split('\r\n'):
-            name, colon, value = line.partition(':')
-            name = name.strip(' \t').lower()
-            if name == 'content-disposition':
-                for match in PART_PARAMETER.finditer(value):
-                    part[match.group(1).lower()] = shown(match.group(2))
-            elif name == 'content-type':
-                part['type'] = shown(value.strip(' \t'))
-        part['bytes'] = 0
-        self.part = part if len(self.parts) < MAX_SHOWN_PARTS else None
-        del self.value[:]
-
-    def take(self, data):
-        if self.part is not None:
-            self.part['bytes'] += len(data)
-            keep = min(LOG_BODY, QUOTED_BYTES) - len(self.value)
-            if 'filename' not in self.part and keep > 0:
-                self.value += data[:keep]
-
-    def end_part(self):
-        part, self.part = self.part, None
-        if part is None:
+        if self.count > MAX_PARTS:
+            self.stop('more than %d parts' % MAX_PARTS)
             return
-        if 'filename' not in part:      # a text field: its value is shown
-            if secret_name(part.get('name', '')):
-                part['value'] = '<%s>' % in_bytes(part['bytes'])
-            else:
-                kind, part['value'] = viewed(as_text(self.value),
-                                             part['bytes'], LOG_BODY)
-                if kind == 'binary':
-                    part['value'] = '<%s, binary>' % in_bytes(part['bytes'])
-        self.parts.append(part)
+        self.part = None
+        if len(self.parts) < MAX_SHOWN_PARTS:
+            self.part = Part(as_text(head))
+            self.parts.append(self.part)
+        self.step = PART_DATA
 
-    def summary(self):
-        """The fields the body record shows of the parts."""
+    def take(self, buffer, start, end):
+        part = self.part
+        part.size += end - start
+        keep = min(QUOTED_BYTES, LOG_BODY) - len(part.start)
+        if keep > 0:
+            part.start += buffer[start:min(end, start + keep)]
+
+    def finish(self):
+        """The body has all come: what is left is the last part's."""
         if self.step is not EPILOGUE:
-            if self.step is PART_DATA:
-                self.take(self.buffer)
-            self.end_part()
+            if self.step is PART_DATA and self.part is not None:
+                self.take(self.buffer, 0, len(self.buffer))
             self.broken = self.broken or 'no closing delimiter'
-        fields = {'parts': self.parts}
-        if self.count > len(self.parts):
-            fields['parts_count'] = self.count
-        if self.broken:
-            fields['parts_broken'] = self.broken
-        return fields
+            self.step = EPILOGUE
 
 
 class LengthReader:
@@ -2025,11 +2136,11 @@ class ChunkedReader:
             size = size.rstrip(b' \t')      # BWS before the ';'
         if (len(size) > MAX_CHUNK_SIZE_DIGITS
                 or not HEX_DIGITS.fullmatch(size)):
-            raise Refused('chunk size is not 1 to %d hex digits: %s' % (
-                MAX_CHUNK_SIZE_DIGITS, quoted(line)))
+            raise Refused('chunk size is not 1 to %d hex digits: %%s'
+                          % MAX_CHUNK_SIZE_DIGITS, 'bytes', line, None)
         if semicolon and not CHUNK_EXTENSIONS.fullmatch(semicolon + extensions):
             raise Refused("chunk extension is not ';name' or ';name=value':"
-                          ' %s' % quoted(line))
+                          ' %s', 'bytes', line, None)
         self.left = int(size, 16)
         if body.size + self.left > MAX_BODY_BYTES:
             raise Refused('chunked body over %d bytes' % MAX_BODY_BYTES)
@@ -2041,8 +2152,8 @@ class ChunkedReader:
         if self.trailer_lines > MAX_HEADERS:
             raise Refused('more than %d trailer lines' % MAX_HEADERS)
         if split_field(line.decode('latin-1')) is None:
-            raise Refused("trailer line is not 'Name: value': %s"
-                          % quoted(line))
+            raise Refused("trailer line is not 'Name: value': %s", 'bytes',
+                          line, None)
 
     def missing(self):
         return 'chunked body not complete (%s)' % self.step
@@ -2058,20 +2169,19 @@ FOREIGN_FIRST_BYTES = b'\x16P\r'      # TLS, the HTTP/2 PRI or PROXY, PROXY v2
 
 
 def foreign_protocol(data):
-    """What non-HTTP/1 traffic data starts with, or None."""
+    """The refusal of non-HTTP/1 traffic that data starts with, or None."""
     if data.startswith(b'\x16\x03'):
-        name = tls_server_name(data)
-        return 'a TLS handshake on a plain HTTP port, %s' % (
-            'server name %s' % shown(as_text(name)) if name
-            else 'no server name in its first bytes')
+        return Refused('not an HTTP/1.x request: a TLS handshake on a plain'
+                       ' HTTP port, %s', 'server name', tls_server_name(data))
     if data.startswith(HTTP2_PREFACE):
-        return 'the HTTP/2 connection preface (PRI * HTTP/2.0)'
+        return Refused('not an HTTP/1.x request: the HTTP/2 connection preface'
+                       ' (PRI * HTTP/2.0)')
     if data.startswith(b'PROXY '):
         line = re.split(rb'[\r\n]', data[:PROXY_V1_BYTES + 1], maxsplit=1)[0]
-        return 'a PROXY protocol v1 header: %s' % (
-            as_text(line) if PROXY_V1.fullmatch(line) else quoted(line))
+        return Refused('not an HTTP/1.x request: a PROXY protocol v1 header:'
+                       ' %s', 'proxy line', line)
     if data.startswith(PROXY_V2_SIGNATURE):
-        return 'a PROXY protocol v2 header'
+        return Refused('not an HTTP/1.x request: a PROXY protocol v2 header')
     return None
 
 
@@ -2601,7 +2711,7 @@ class Connection(BaseHTTPRequestHandler):
                         else self.take_head()):
                     return False
         except Refused as refusal:
-            self.refuse(str(refusal))
+            self.refuse(shown_refusal(refusal))
             return False
         return True
 
@@ -2910,7 +3020,7 @@ def log_body(request):
     fields = {'body_bytes': body.size, 'content_type': shown(content_type),
               'sha256': body.sha256.hexdigest()}
     if body.parts is not None:
-        fields.update(body.parts.summary())
+        fields.update(shown_parts(body.parts))
     elif body.keep:
         cut = body.size > len(body.preview)
         fields.update(body_fields(bytes(body.preview),

@@ -1209,7 +1209,7 @@ def test_a_multipart_text_field_that_is_not_text_shows_its_size(trap):
         'Content-Type': 'multipart/form-data; boundary=XyZ'})
     record = body_record(trap, answer.getheader('X-Request-Id'))
     assert json.loads(record.partition(' parts=')[2]) == [
-        {'name': 'blob', 'bytes': 4, 'value': '<4 bytes, binary>'}]
+        {'name': 'blob', 'bytes': 4, 'value': '<binary, 4 bytes>'}]
 
 
 def test_a_multipart_type_without_a_boundary_shows_none_of_its_bytes(trap):
@@ -1224,10 +1224,10 @@ def test_a_multipart_type_without_a_boundary_shows_none_of_its_bytes(trap):
 
 def test_a_multipart_body_is_read_part_by_part_in_any_pieces():
     for size in (1, 2, 3, 7, 64):
-        summary = kek.MultipartSummary(b'XyZ')
+        summary = kek.MultipartReader(b'XyZ')
         for at in range(0, len(MULTIPART), size):
             summary.add(MULTIPART[at:at + size])
-        assert [part['bytes'] for part in summary.summary()['parts']] == \
+        assert [part['bytes'] for part in kek.shown_parts(summary)['parts']] == \
             [3, 6, 14]
 
 
@@ -1239,8 +1239,9 @@ def test_a_multipart_body_is_read_part_by_part_in_any_pieces():
      {'parts': [], 'parts_broken': 'a part head over 8192 bytes'}),
     (b'--XyZ junk', {'parts': [], 'parts_broken':
                      'a delimiter not followed by CRLF'}),
+    # A part without a name kek can read: its size only, never its value.
     (b'preamble\r\n--XyZ\r\n\r\nno name\r\n--XyZ--\r\nepilogue',
-     {'parts': [{'bytes': 7, 'value': 'no name'}]}),
+     {'parts': [{'bytes': 7, 'value': '<7 bytes>'}]}),
     (b''.join(b'--XyZ\r\nContent-Disposition: form-data; name="f%d"\r\n\r\n'
               b'v\r\n' % n for n in range(60)) + b'--XyZ--',
      {'parts': [{'name': 'f%d' % n, 'bytes': 1, 'value': 'v'}
@@ -1248,9 +1249,9 @@ def test_a_multipart_body_is_read_part_by_part_in_any_pieces():
 ])
 def test_a_broken_or_long_multipart_body_is_summed_up_as_far_as_it_goes(
         body, fields):
-    summary = kek.MultipartSummary(b'XyZ')
+    summary = kek.MultipartReader(b'XyZ')
     summary.add(body)
-    assert summary.summary() == fields
+    assert kek.shown_parts(summary) == fields
 
 
 def test_a_long_form_shows_its_first_values_and_how_many_there_were(
@@ -1276,9 +1277,9 @@ def test_a_broken_multipart_body_says_so_on_its_record(trap):
 
 
 def test_a_body_with_no_delimiter_has_no_parts():
-    summary = kek.MultipartSummary(b'XyZ')
+    summary = kek.MultipartReader(b'XyZ')
     summary.add(b'nothing but a preamble')
-    assert summary.summary() == {'parts': [],
+    assert kek.shown_parts(summary) == {'parts': [],
                                  'parts_broken': 'no closing delimiter'}
 
 
