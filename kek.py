@@ -669,10 +669,10 @@ SECRET_HINT = re.compile('|'.join(sorted(map(re.escape, SECRET_HINTS),
 def may_name_a_secret(text):
     """False when no name in text can look secret: most texts.  One C
     search for each hint."""
-    if text.isascii():
+    if text.isascii() and '%' not in text:
         lower = text.lower()
         return any(hint in lower for hint in SECRET_HINTS)
-    return True         # a lookalike letter may spell one
+    return True         # a lookalike letter or an escape may spell one
 
 
 # The value rule: what a credential looks like, whatever its name (SPEC 3).
@@ -810,8 +810,8 @@ def described_jwt(token):
             value = payload.get(name)
             if isinstance(value, (int, float)) and abs(value) < 1e11:
                 said.append('%s=%s' % (name, age(value, name == 'exp')))
-    return '<jwt %s>' % ' '.join([part for part in said if part]
-                                 + [in_bytes(len(token))])
+    return '<jwt %s>' % ', '.join(
+        [' '.join(part for part in said if part), in_bytes(len(token))])
 
 
 def jwt_part(part):
@@ -910,6 +910,11 @@ def field_value(text, start, end):
     name is followed as a field's name is: by '=' or ':' (after its closing
     quote, if quoted, and blanks), or it is an XML tag's; else None."""
     before = text[start - 1:start]
+    if before == ':':           # <namespace:NAME ...>
+        prefix = start - 1
+        while prefix > 0 and text[prefix - 1] in NAME_CHARS:
+            prefix -= 1
+        before = '<' if text[prefix - 1:prefix] == '<' else before
     if before == '<':           # <NAME attributes>VALUE</NAME>
         close = text.find('>', end, end + MAX_NAME_CHARS)
         if close < 0 or text[close - 1] == '/':
@@ -1152,7 +1157,7 @@ def shown_query(query, depth=0):
     """A query (or a form, path parameters, a fragment) as sent, but for
     the values of secret-looking names, and values that hide a secret (a
     URL, a form or JSON with one, a credential's shape): their length."""
-    if not (may_name_a_secret(query) or may_hold_credential(query)):
+    if not may_name_a_secret(query) and '@' not in query:
         return query
     fields = FIELD_END.split(query)
     redacted = False
@@ -1161,7 +1166,8 @@ def shown_query(query, depth=0):
         if not value:
             continue
         text = unquote(value)
-        if secret_name(unquote(name)) or shown_value(text, depth + 1) != text:
+        if secret_name(unquote(name)) or nested(text, depth + 1) != text or (
+                text != value and hide_shapes(text) != text):
             fields[n] = name + '=' + length(text)
             redacted = True
     return ''.join(fields) if redacted else query
@@ -1169,13 +1175,18 @@ def shown_query(query, depth=0):
 
 def shown_value(value, depth=0):
     """A value as it may show: what hides a secret in it shown by its length
-    (nesting): JSON (as Slack posts a form's payload=) with the values of
-    secret-looking keys, a URL or a form with theirs, the rest by the
-    free-text rule; every credential's shape.  MAX_NESTING deep, then its
-    length if anything in it may be secret."""
+    (nested()), and every credential's shape by its kind."""
     if len(value) < MIN_CREDENTIAL and value.isalnum():
         return value        # the common case, checked first
-    if not (may_name_a_secret(value) or may_hold_credential(value)):
+    return hide_shapes(nested(value, depth))
+
+
+def nested(value, depth=0):
+    """A value with what hides a secret in it shown by its length: JSON (as
+    Slack posts a form's payload=) with the values of secret-looking keys,
+    a URL or a form with theirs, the rest by the free-text rule.
+    MAX_NESTING deep, then its length if anything in it may be secret."""
+    if not may_name_a_secret(value) and '@' not in value:
         return value
     if depth >= MAX_NESTING:
         return length(value)
@@ -1183,10 +1194,10 @@ def shown_value(value, depth=0):
     if start in ('{', '['):
         value = redact_json(value, depth + 1)
     elif '://' in value[:40] or value[:1] == '/':
-        value = shown_url(value, depth + 1)
+        value = hide_userinfo(shown_url(value, depth + 1))
     elif '=' in value and FORM.fullmatch(value.strip(' \t\r\n')):
         value = shown_query(value, depth + 1)
-    return hide_shapes(hide_fields(value))
+    return hide_fields(value)
 
 
 # Parameters read from this many characters are all shown as they are, but
@@ -1212,6 +1223,7 @@ def shown_params(params, text):
         secret = secret_name(name)
         values = [length(value) if secret else shown_value(value)
                   for value in values]
+        name = hide_shapes(name)
         if not short:
             name, values = shown_name(name), [shown(value) for value in values]
         shown_ones[name] = values
@@ -1259,6 +1271,27 @@ def body_kind(text, media, cut):
     return 'text'
 
 
+# What a credential is spelled with, and how much of one a cut may leave.
+CREDENTIAL_CHARS = ('ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'
+                    '0123456789_.+/=-')
+# How each credential of CREDENTIALS begins.
+CREDENTIAL_START = re.compile(
+    r'gh[pousr]_|github_pat_|gl[a-z]{2,5}-|xox[a-z]-|xapp-|[srp]k_|whsec_'
+    r'|A(?:KIA|SIA|BIA|CCA|GPA|IDA|ROA|NPA|NVA|PKA|Iza)|npm_|pypi-|sk-|SG\.'
+    r'|SK[0-9a-f]|shp[a-z]{2}_|do[opr]_v1_|eyJ|[0-9]{8,10}:AA', re.ASCII)
+
+
+def hide_cut_end(text):
+    """A preview cut short may end inside a credential, too short now for
+    its shape to be known: from where one begins in the run of credential
+    characters it ends in, it is shown as its length."""
+    run = len(text) - len(text.rstrip(CREDENTIAL_CHARS))
+    start = CREDENTIAL_START.search(text, len(text) - run) if run else None
+    if start is None:
+        return text
+    return text[:start.start()] + hidden(text[start.start():], cut=True)
+
+
 def body_fields(data, media, cut):
     """What the body record shows of a body's first bytes (data): a form's
     fields like the query's, JSON with the values of secret-looking keys as
@@ -1278,7 +1311,10 @@ def body_fields(data, media, cut):
         return {'preview_base64': base64.b64encode(data).decode('ascii')}
     if kind == 'JSON':
         text = redact_json(text)
-    return {'preview': shown(hide_fields(text), 2 * len(data) + SHOWN_SLACK)}
+    text = hide_fields(text)
+    if cut:
+        text = hide_cut_end(hide_shapes(text))
+    return {'preview': shown(text, 2 * len(data) + SHOWN_SLACK)}
 
 
 JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[{}\[\]:,]|[^\s{}\[\]:,"]+')
@@ -1292,9 +1328,7 @@ def redact_json(text, depth=0):
     '"<7 bytes, cut>"' where the text ends inside one; and string values
     that hide a secret (nesting) the same.  One pass over its tokens, each
     found by a pattern that cannot backtrack."""
-    lower = text.lower()
-    if not any(hint in lower for hint in JSON_HINTS) and not (
-            may_hold_credential(text)):
+    if not (may_name_a_secret(text) or '\\u' in text or '@' in text):
         return text         # no key can be secret: most bodies
     parts = []
     done = 0                # text[:done] is in parts
@@ -1309,7 +1343,7 @@ def redact_json(text, depth=0):
             secret, value_of = secret_name(value_of), None
             if not secret and char == '"' and len(token.group()) > MIN_CREDENTIAL // 2:
                 string = json_string(token.group())
-                secret = shown_value(string, depth + 1) != string
+                secret = nested(string, depth + 1) != string
             if secret:
                 start, end, depth_in = token.start(), token.end(), 0
                 if char in '{[':
@@ -1374,7 +1408,7 @@ HEADER_LIKE = re.compile(r'((?:[%s]|[^\x00-\x7f]){1,%d})([ \t]*):'
 NAME_LIKE = re.compile(r'([%s]{1,%d})[ \t]+' % (TCHAR, MAX_NAME_CHARS), re.ASCII)
 REQUEST_LIKE = re.compile(r'[%s]{1,%d}(?= +(?:[/*]|[A-Za-z][A-Za-z0-9+.-]{0,31}:))'
                           % (TCHAR, MAX_METHOD_CHARS), re.ASCII)
-VERSION_LIKE = re.compile(r'[A-Za-z0-9/.]{1,16}', re.ASCII)
+VERSION_LIKE = re.compile(r'[A-Za-z]{1,8}/[0-9.]{1,8}', re.ASCII)
 
 
 def quoted(data, size=None):
@@ -1396,11 +1430,13 @@ def quoted(data, size=None):
     method = REQUEST_LIKE.match(line, blanks)
     if method:
         at = len(line) - len(line[method.end():].lstrip(' '))
-        target, space, version = line[at:].rpartition(' ')
-        if not (space and VERSION_LIKE.fullmatch(version)):
-            target, space, version = line[at:], '', ''
-        return '%s%s%s%s%s' % (line[:at], shown_url(target), space,
-                               shown(version), more)
+        rest = line[at:].rstrip(' ')
+        target, space, version = rest.rpartition(' ')
+        if space and VERSION_LIKE.fullmatch(version):
+            return '%s%s %s%s%s' % (line[:at], shown_url(target), version,
+                                    line[at + len(rest):], more)
+        if ' ' not in line[at:]:
+            return '%s%s%s' % (line[:at], shown_url(line[at:]), more)
     header = header_line(line)
     if header is not None:
         return header + more
@@ -1457,8 +1493,9 @@ def part_fields(head):
         elif header == 'content-disposition':
             for match in DISPOSITION_PARAMETER.finditer(value):
                 name, text = match.group(1).lower(), match.group(2).strip(' \t')
-                if text.startswith('"'):
-                    text = re.sub(r'\\(.)', r'\1', text[1:-1])
+                if text.startswith('"'):     # maybe left open
+                    text = re.sub(r'\\(.)', r'\1', text[1:-1] if (
+                        len(text) > 1 and text.endswith('"')) else text[1:])
                 if name.endswith('*'):
                     name, text = name[:-1], extended_value(text)
                     fields[name] = text
@@ -1549,6 +1586,7 @@ def viewed(text, size, keep):
     surrogateescape; size bytes in all), and what the log shows of their
     first keep characters, cut: a form, JSON or text with what looks secret
     by its length, anything else in hex, unless it may hide a secret."""
+    was_cut = byte_count(text[:keep]) < size
     kind = body_kind(text, '', byte_count(text) < size)
     text = text[:keep]
     if kind == 'binary':
@@ -1560,7 +1598,10 @@ def viewed(text, size, keep):
         text = shown_query(text)
     elif kind == 'JSON':
         text = redact_json(text)
-    return kind, shown(hide_fields(text))
+    text = hide_fields(text)
+    if was_cut:
+        text = hide_cut_end(hide_shapes(text))
+    return kind, shown(text)
 
 
 # -- Parsing and framing -------------------------------------------------------
