@@ -666,13 +666,18 @@ SECRET_HINT = re.compile('|'.join(sorted(map(re.escape, SECRET_HINTS),
                                          key=len, reverse=True)), re.IGNORECASE)
 
 
+SECRET_HINT_LOWER = re.compile(SECRET_HINT.pattern)
+LONG_TEXT = 256     # from here, a C search for each hint beats one pattern
+
+
 def may_name_a_secret(text):
-    """False when no name in text can look secret: most texts.  One C
-    search for each hint."""
-    if text.isascii() and '%' not in text:
-        lower = text.lower()
-        return any(hint in lower for hint in SECRET_HINTS)
-    return True         # a lookalike letter or an escape may spell one
+    """False when no name in text can look secret: most texts."""
+    if not text.isascii() or '%' in text:
+        return True     # a lookalike letter or an escape may spell one
+    lower = text.lower()
+    if len(text) < LONG_TEXT:
+        return SECRET_HINT_LOWER.search(lower) is not None
+    return any(hint in lower for hint in SECRET_HINTS)
 
 
 # The value rule: what a credential looks like, whatever its name (SPEC 3).
@@ -1059,11 +1064,16 @@ def judged_header_rule(name):
 remembered_header_rule = functools.lru_cache(maxsize=4096)(judged_header_rule)
 
 
+# What a header's value holds if it nests a URL, a form or JSON.
+NESTS = re.compile(r'[=@{\[/<]')
+
+
 def shown_free(value):
-    """A value with no grammar kek knows: the free-text rule and nesting
-    (a header holding a URL, a form or JSON), then shown()."""
-    if len(value) < MIN_CREDENTIAL and value.isalnum():
-        return value
+    """A header's value that has no rule of its own: what nests in it (a
+    URL, a form or JSON) by the rules, then shown().  Most have nothing
+    that could nest."""
+    if NESTS.search(value) is None:
+        return shown(value)
     return shown(shown_value(value))
 
 
