@@ -1340,6 +1340,115 @@ def test_a_header_is_shown_by_the_rules_of_its_name(name, value, shown):
     assert kek.shown_header(name, value) == shown
 
 
+def jwt(header, payload, signature='c2lnbmF0dXJl'):
+    def part(value):
+        data = value if isinstance(value, bytes) else json.dumps(value).encode()
+        return base64.urlsafe_b64encode(data).rstrip(b'=').decode()
+    return '%s.%s.%s' % (part(header), part(payload), signature)
+
+
+@pytest.mark.parametrize('header, payload, shown', [
+    ({'alg': 'HS256', 'typ': 'JWT'}, {'sub': 'ann', 'aud': ['api', 'web']},
+     '<jwt alg=HS256 typ=JWT aud=api,web, %d bytes>'),
+    # A claim that is not plain text, or hides a credential: its length.
+    ({'alg': 'HS256', 'kid': {'a': 1}}, {'iss': 'https://ann:pw@idp'},
+     '<jwt alg=HS256 kid=<8 bytes> iss=<18 bytes>, %d bytes>'),
+    ({'alg': 'none'}, {'iss': 'ghp_' + 'a' * 36}, '<jwt alg=none iss=<40 bytes>, %d bytes>'),
+    # Times past any clock, or not times: none; a payload that is no JSON
+    # object: nothing of it.
+    ({'x': 1}, {'exp': 10 ** 12, 'nbf': 'soon'}, '<jwt , %d bytes>'),
+    ({'alg': 'HS256'}, b'{"iss": "x", broken', '<jwt alg=HS256, %d bytes>'),
+])
+def test_a_jwt_shows_its_plain_fields_and_the_length_of_the_rest(
+        header, payload, shown):
+    token = jwt(header, payload)
+    assert kek.hide_shapes(token) == shown % len(token)
+
+
+def test_a_jwt_too_long_to_read_shows_its_length_only():
+    token = jwt({'alg': 'HS256'}, {'pad': 'a' * kek.MAX_JWT_CHARS})
+    assert kek.hide_shapes(token) == '<jwt , %d bytes>' % len(token)
+
+
+@pytest.mark.parametrize('seconds, expires, said', [
+    (299.5, True, 'in 4m59s'), (-180, True, 'expired 3m ago'),
+    (-5, False, '5s ago'), (90061, False, 'in 1d1h'), (0.5, False, 'in 0s')])
+def test_a_jwt_time_is_said_as_its_distance_from_now(monkeypatch, seconds,
+                                                     expires, said):
+    monkeypatch.setattr(kek.time, 'time', lambda: 1000000.0)
+    assert kek.age(1000000 + seconds, expires) == said
+
+
+@pytest.mark.parametrize('text, shown', [
+    ('<password/> and <password', '<password/> and <password'),
+    ('"password\' = x', '"password\' = x'),
+    ('password only', 'password only'),
+    ('{\\"password\\": \\"x\\"}', '{\\"password\\": \\"<1 byte>\\"}'),
+    ('"pass": "a\\"b" then', '"pass": "<4 bytes>" then'),
+    ('password: "open', 'password: "<4 bytes>'),
+    ('secret=;x', 'secret=;x'),
+    ('token: abc\\nnext: 1', 'token: <3 bytes>\\nnext: 1'),
+    ('<ns:Password Type="t">pw</ns:Password>',
+     '<ns:Password Type="t"><2 bytes></ns:Password>'),
+    ('<Password>unclosed', '<Password><8 bytes>'),
+])
+def test_free_text_shows_no_value_of_a_secret_name(text, shown):
+    assert kek.hide_fields(text) == shown
+
+
+def test_free_text_past_its_limit_of_names_is_shown_by_its_length(monkeypatch):
+    monkeypatch.setattr(kek, 'MAX_FREE_FIELDS', 2)
+    assert kek.hide_fields('key=1 key=2 key=3 and the rest') == (
+        'key=<1 byte> key=<1 byte><19 bytes>')
+
+
+@pytest.mark.parametrize('value, decoded', [
+    ("UTF-8''%70%C3%A4ss", 'päss'), ("''plain", 'plain'),
+    ("latin-1'en'%E4", 'ä'), ("no-such-charset''a%FF", 'a\udcff'),
+    ("utf-8''%FF", '\udcff')])
+def test_an_extended_part_name_is_decoded_by_its_charset(value, decoded):
+    assert kek.extended_value(value) == decoded
+
+
+def test_a_valid_proxy_line_is_shown_as_sent_and_a_bad_one_quoted(monkeypatch):
+    assert kek.shown_proxy_line(b'PROXY TCP4 1.2.3.4 5.6.7.8 1 2') == (
+        'PROXY TCP4 1.2.3.4 5.6.7.8 1 2')
+    assert kek.shown_proxy_line(b'PROXY x password=S') == (
+        '18 bytes, text: PROXY x password=<1 byte>')
+
+
+def test_a_multipart_body_of_more_than_max_parts_is_read_no_further(
+        monkeypatch):
+    monkeypatch.setattr(kek, 'MAX_PARTS', 3)
+    reader = kek.MultipartReader(b'b')
+    reader.add(b'--b\r\n\r\nv\r\n' * 5 + b'--b--')
+    fields = kek.shown_parts(reader)
+    assert fields['parts_broken'] == 'more than 3 parts'
+    assert [part['bytes'] for part in fields['parts']] == [1, 1, 1]
+
+
+def test_a_text_field_keeps_no_more_of_its_value_than_it_shows(monkeypatch):
+    monkeypatch.setattr(kek, 'LOG_BODY', 4)
+    reader = kek.MultipartReader(b'b')
+    for piece in (b'--b\r\nContent-Disposition: form-data; name=n\r\n\r\n',
+                  b'abcdef', b'ghij', b'\r\n--b--'):
+        reader.add(piece)
+    assert reader.parts[0].start == b'abcd' and reader.parts[0].size == 10
+    assert kek.shown_parts(reader)['parts'] == [
+        {'name': 'n', 'bytes': 10, 'value': 'abcd'}]
+
+
+def test_a_body_of_more_than_max_chunks_is_refused(monkeypatch):
+    monkeypatch.setattr(kek, 'MAX_CHUNKS', 3)
+    reader, body = kek.ChunkedReader(), kek.Body(10)
+    with pytest.raises(kek.Refused, match='^chunked body of more than 3 chunks$'):
+        reader.read(bytearray(b'1\r\na\r\n' * 4), body)
+    assert body.size == 3       # what came before the refusal was read
+    reader, body = kek.ChunkedReader(), kek.Body(10)
+    assert reader.read(bytearray(b'1\r\na\r\n' * 3 + b'0\r\n\r\n'), body)
+
+
+
 # -- Parsing and framing -------------------------------------------------------
 
 def client_hello(server_name):
