@@ -28,7 +28,9 @@ import sys
 import threading
 import time
 import warnings
-from urllib.parse import parse_qs
+import random
+import tracemalloc
+from urllib.parse import parse_qs, quote, quote_plus
 
 import pytest
 
@@ -4293,3 +4295,798 @@ def test_closed_standard_output_and_error_never_stop_the_answers(tmp_path):
         assert os.readlink('/proc/%d/fd/%d' % (kek_process.proc.pid, fd)) \
             == '/dev/null'
     assert kek_process.stop()[0] == 0
+
+
+# -- What the log shows: the second hunt --------------------------------------
+
+hunt_KEK = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kek.py')
+hunt_CLOSE = H + b'Connection: close\r\n\r\n'
+WINDOW = 12     # a secret leaks if any this many of its bytes are in the log
+
+
+# -- Fake credentials, each of the shape its issuer gives it -------------------
+
+RANDOM = random.Random(19)
+ALNUM = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789'
+URLSAFE = ALNUM + '_-'
+HEX = '0123456789abcdef'
+
+
+def chars(count, alphabet=ALNUM):
+    return ''.join(RANDOM.choice(alphabet) for _ in range(count))
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b'=').decode('ascii')
+
+
+def hunt_jwt(header, claims, signature_bytes=256):
+    """A JSON Web Token as an identity provider issues it, but for its
+    signature, which is random bytes of an RS256 signature's size."""
+    return '.'.join((
+        b64url(json.dumps(header, separators=(',', ':')).encode()),
+        b64url(json.dumps(claims, separators=(',', ':')).encode()),
+        b64url(bytes(RANDOM.randrange(256) for _ in range(signature_bytes)))))
+
+
+def person_jwt(now=None):
+    now = int(time.time()) if now is None else now
+    return hunt_jwt({'alg': 'RS256', 'typ': 'JWT', 'kid': 'k1'},
+               {'iss': 'https://idp', 'aud': 'api', 'exp': now + 290,
+                'iat': now - 5, 'sub': 'user-8731-ann',
+                'email': 'ann.lee@example.com'})
+
+
+def pem_key():
+    """A PKCS#8 private key block: the DER start every RSA key has, then
+    random bytes, in base64 lines of 64."""
+    der = bytes.fromhex('308204bd020100300d06092a864886f70d0101010500') + bytes(
+        RANDOM.randrange(256) for _ in range(700))
+    body = base64.b64encode(der).decode('ascii')
+    lines = [body[at:at + 64] for at in range(0, len(body), 64)]
+    return ('-----BEGIN PRIVATE KEY-----\n%s\n-----END PRIVATE KEY-----\n'
+            % '\n'.join(lines))
+
+
+UPPER_DIGITS = ALNUM[:26] + ALNUM[52:]
+
+
+def slack_hook():
+    return 'https://hooks.slack.com/services/T0%s/B0%s/%s' % (
+        chars(8, UPPER_DIGITS), chars(9, UPPER_DIGITS), chars(24))
+
+
+# (kind as the log names it, a maker of a fresh credential of that kind)
+CREDENTIALS = [
+    ('github token', lambda: 'ghp_' + chars(36)),
+    ('github token', lambda: 'github_pat_%s_%s' % (chars(22), chars(59))),
+    ('gitlab token', lambda: 'glpat-' + chars(20, URLSAFE)),
+    ('slack token', lambda: 'xoxb-%s-%s-%s' % (
+        chars(12, '0123456789'), chars(13, '0123456789'), chars(24))),
+    ('slack webhook', slack_hook),
+    ('stripe key', lambda: 'sk_live_' + chars(24)),
+    ('webhook secret', lambda: 'whsec_' + chars(32)),
+    ('aws access key', lambda: 'AKIA' + chars(16, UPPER_DIGITS)),
+    ('google api key', lambda: 'AIza' + chars(35, URLSAFE)),
+    ('npm token', lambda: 'npm_' + chars(36)),
+    ('pypi token', lambda: 'pypi-AgEIcHlwaS5vcmc' + chars(150, URLSAFE)),
+    ('openai key', lambda: 'sk-proj-' + chars(64, URLSAFE)),
+    ('anthropic key', lambda: 'sk-ant-api03-' + chars(80, URLSAFE) + 'AA'),
+    ('sendgrid key', lambda: 'SG.%s.%s' % (chars(22, URLSAFE),
+                                           chars(43, URLSAFE))),
+    ('twilio key', lambda: 'SK' + chars(32, HEX)),
+    ('shopify token', lambda: 'shpat_' + chars(32, HEX)),
+    ('digitalocean token', lambda: 'dop_v1_' + chars(64, HEX)),
+    ('telegram bot token', lambda: '%s:AAH%s' % (chars(10, '0123456789'),
+                                                chars(32, URLSAFE))),
+    ('hunt_jwt', person_jwt),
+    ('private key', pem_key),
+    ('userinfo', lambda: 'postgres://ann:%s@db.example:5432/app' % chars(18)),
+]
+
+
+def distinctive(kind, credential):
+    """What of a credential must never show: all of it but a prefix every
+    credential of its kind shares (and, of a JWT, its header)."""
+    if kind == 'slack webhook':
+        return credential.rsplit('/', 1)[1]
+    if kind == 'hunt_jwt':
+        return credential.split('.', 1)[1]
+    if kind == 'private key':
+        return ''.join(credential.splitlines()[1:-1])[40:]
+    if kind == 'userinfo':
+        return credential.split(':')[2].split('@')[0]
+    if kind == 'pypi token':
+        return credential[len('pypi-AgEIcHlwaS5vcmc'):]
+    if kind == 'telegram bot token':
+        return credential.split(':', 1)[1]
+    return credential
+
+
+def one_line(credential):
+    """A credential as it is written where no newline can be: a PEM block
+    with its newlines as '\\n' (as in a JSON string or a .env file)."""
+    return credential.replace('\n', '\\n')
+
+
+def multipart(*parts, boundary=b'XyZ'):
+    """A multipart body of (part head lines, value) pairs."""
+    body = b''
+    for head, value in parts:
+        body += b'--%s\r\n%s\r\n\r\n%s\r\n' % (boundary, head, value)
+    return body + b'--%s--\r\n' % boundary
+
+
+def form_data(*parts):
+    return multipart(*parts), b'multipart/form-data; boundary=XyZ'
+
+
+# Where a credential can be, under a harmless name: each makes the bytes
+# sent of the credential (str); None where it cannot be.
+def in_header(c):
+    return H + b'X-Debug: %s\r\n\r\n' % one_line(c).encode()
+
+
+def in_query(c):
+    return (b'GET /api?note=%s HTTP/1.1\r\nHost: x\r\n\r\n'
+            % quote(c, safe=':/@').encode())
+
+
+def in_path(c):
+    if '\n' in c:
+        return None
+    return (b'GET /api/files/%s/raw HTTP/1.1\r\nHost: x\r\n\r\n'
+            % quote(c, safe=':/@').encode())
+
+
+def in_json(c):
+    return post(b'/api', json.dumps({'user': 'ann', 'note': c}).encode(),
+                b'application/json')
+
+
+def in_form(c):
+    return post(b'/api', b'user=ann&note=' + quote_plus(c).encode(),
+                b'application/x-www-form-urlencoded')
+
+
+def in_multipart_field(c):
+    return post(b'/api', *form_data(
+        (b'Content-Disposition: form-data; name="user"', b'ann'),
+        (b'Content-Disposition: form-data; name="note"', c.encode())))
+
+
+def in_text(c):
+    return post(b'/api', b'note for ops: %s\n' % c.encode(), b'text/plain')
+
+
+def in_bad_request_line(c):
+    return (b'GET /api?note=%s HTTP/9.9\r\nHost: x\r\n\r\n'
+            % quote(c, safe=':/@').encode())
+
+
+def in_bad_header_line(c):
+    return H + b'X-Debug : %s\r\n\r\n' % one_line(c).encode()
+
+
+def after_a_closing_request(c):
+    return hunt_CLOSE + (b'GET /api?note=%s HTTP/1.1\r\nHost: x\r\n\r\n'
+                    % quote(c, safe=':/@').encode())
+
+
+def as_json_that_is_not_http(c):
+    return json.dumps({'note': c}).encode() + b'\r\n'
+
+
+def in_a_url_in_the_query(c):
+    if '\n' in c:
+        return None
+    url = 'https://app.example/cb?note=' + c
+    return (b'GET /api?next=%s HTTP/1.1\r\nHost: x\r\n\r\n'
+            % quote(url, safe='').encode())
+
+
+def in_a_referer_fragment(c):
+    return H + (b'Referer: https://app.example/cb#access_token=%s'
+                b'&token_type=bearer\r\n\r\n' % quote(c, safe='').encode())
+
+
+def in_a_path_parameter(c):
+    if '\n' in c:
+        return None
+    return (b'GET /api;jsessionid=%s?x=1 HTTP/1.1\r\nHost: x\r\n\r\n'
+            % quote(c, safe='').encode())
+
+
+PLACES = [in_header, in_query, in_path, in_json, in_form, in_multipart_field,
+          in_text, in_bad_request_line, in_bad_header_line,
+          after_a_closing_request, as_json_that_is_not_http,
+          in_a_url_in_the_query, in_a_referer_fragment, in_a_path_parameter]
+
+SHAPES = [('%s %s' % (credential[:credential.index('_') + 1]
+                      if kind == 'github token' else kind,
+                      place.__name__), place(credential),
+           distinctive(kind, credential).encode())
+          for kind, make in CREDENTIALS for place in PLACES
+          for credential in [make()] if place(credential) is not None]
+
+
+# -- Other secrets: a value of no credential's shape, hidden by its name -------
+
+def fresh():
+    """A secret of no credential's shape, a new one for each case, so that
+    a leak names its case."""
+    return chars(16).encode()
+
+
+def table(*cases):
+    """(case, builder of the bytes sent around a secret) as (case, bytes
+    sent, secret), each with a fresh secret."""
+    return [(case, build(s), s) for case, build in cases for s in [fresh()]]
+
+
+# Names SPEC §3 calls secret that the word rules missed: as a query
+# parameter, a form field, a JSON key, a multipart part and a header.
+NEW_NAMES = ['pw', 'psw', 'userpass', 'DBPASS', 'sid', 'oauth_verifier',
+             'SAMLart', 'pin', 'totp', 'cvv', 'card_cvc', 'mnemonic',
+             'privkey', 'private', 'раssword']     # a Cyrillic р and а
+
+
+def name_cases(name):
+    quoted_name = quote(name).encode()
+    raw = name.encode()
+    header = ('X-' + name if name.islower() else name).encode()
+    return [
+        ('%s in the query' % name, lambda s: b'GET /api?a=1&%s=%s HTTP/1.1'
+         b'\r\nHost: x\r\n\r\n' % (quoted_name, s)),
+        ('%s in a form' % name, lambda s: post(
+            b'/api', b'a=1&%s=%s' % (quoted_name, s),
+            b'application/x-www-form-urlencoded')),
+        ('%s as a JSON key' % name, lambda s: post(b'/api', json.dumps(
+            {'a': 1, name: s.decode()}, ensure_ascii=False).encode(),
+            b'application/json')),
+        ('%s as a part' % name, lambda s: post(b'/api', *form_data(
+            (b'Content-Disposition: form-data; name="%s"' % raw, s)))),
+        ('%s as a header' % name,
+         lambda s: H + b'%s: %s\r\n\r\n' % (header, s)),
+    ]
+
+
+NAMES = table(*[case for name in NEW_NAMES for case in name_cases(name)],
+    ('OK-ACCESS-SIGN', lambda s: H + b'OK-ACCESS-KEY: x\r\n'
+     b'OK-ACCESS-SIGN: %s\r\n\r\n' % s),
+    ('Authorisation', lambda s: H + b'Authorisation: Bearer %s\r\n\r\n' % s),
+    ('a Cyrillic A in Authorization',
+     lambda s: H + 'Аuthorization: Bearer %s\r\n\r\n'.encode() % s),
+    ('a Greek O in X-Api-Token',
+     lambda s: H + 'X-Api-TΟken: %s\r\n\r\n'.encode() % s),
+    ('a NUL inside a JSON key', lambda s: post(
+        b'/api', b'{"pass\x00word": "%s"}' % s, b'application/json')),
+    ('a soft hyphen inside a JSON key', lambda s: post(
+        b'/api', '{"pass\u00adword": "%s"}'.encode() % s, b'application/json')),
+    ('a zero-width space inside a form name', lambda s: post(
+        b'/api', b'pass%%E2%%80%%8Bword=%s' % s,
+        b'application/x-www-form-urlencoded')),
+)
+
+
+# -- Multipart part names and filenames in every spelling ----------------------
+
+def part(head):
+    """A builder of a body whose second part, of this head, holds the
+    secret."""
+    return lambda s: post(b'/api', *form_data(
+        (b'Content-Disposition: form-data; name="user"', b'ann'), (head, s)))
+
+
+hunt_MULTIPART = table(
+    ('an unquoted name',
+     part(b'Content-Disposition: form-data; name=password')),
+    ('blanks around =',
+     part(b'Content-Disposition: form-data; name = "password"')),
+    ('a tab before =',
+     part(b'Content-Disposition: form-data; name\t="password"')),
+    ("name*=UTF-8''", part(
+        b"Content-Disposition: form-data; name*=UTF-8''password")),
+    ("name*= percent-encoded, with a language", part(
+        b"Content-Disposition: form-data; name*=utf-8'en'pass%77ord")),
+    ('a folded line', part(
+        b'Content-Disposition: form-data;\r\n name="password"')),
+    ('a line folded with a tab', part(
+        b'Content-Disposition: form-data;\r\n\tname="password"')),
+    ('a file named by filename*= only', part(
+        b"Content-Disposition: form-data; name=\"doc\"; "
+        b"filename*=UTF-8''notes.txt\r\nContent-Type: text/plain")),
+    ('a file named by an unquoted filename', part(
+        b'Content-Disposition: form-data; name="doc"; filename=notes.txt')),
+    ('no name at all', part(b'Content-Disposition: form-data')),
+    ('a name left open', part(b'Content-Disposition: form-data; name="pass')),
+    ('no Content-Disposition', part(b'Content-Type: text/plain')),
+    ('a name given twice, the secret one first', part(
+        b'Content-Disposition: form-data; name="password"; name="x"')),
+    ('single quotes', part(b"Content-Disposition: form-data; name='password'")),
+)
+
+
+# -- Free text, nested values, quoted bytes ------------------------------------
+
+def batch(s):
+    """A batch of API calls (Google's, OData's), each an HTTP request."""
+    return post(b'/batch', multipart(
+        (b'Content-Type: application/http\r\nContent-ID: <item1>',
+         b'GET /v1/users/1 HTTP/1.1\r\nAuthorization: Bearer %s\r\n' % s),
+        (b'Content-Type: application/http\r\nContent-ID: <item2>',
+         b'POST /v1/keys HTTP/1.1\r\nContent-Type: application/json\r\n\r\n'
+         b'{"api_key": "%s"}' % s), boundary=b'batch_1'),
+        b'multipart/mixed; boundary=batch_1')
+
+
+TEXT = table(
+    ('server-sent events', lambda s: post(
+        b'/events', b'event: login\ndata: {"password": "%s"}\n\n' % s,
+        b'text/event-stream')),
+    ('JSON after a word in text/plain', lambda s: post(
+        b'/x', b'x {"password": "%s"}' % s, b'text/plain')),
+    ('JSONP', lambda s: post(b'/x', b'cb({"user":"ann","password":"%s"})' % s,
+                             b'application/javascript')),
+    ('JSON with a BOM and no type', lambda s: post(
+        b'/x', b'\xef\xbb\xbf{"password": "%s"}' % s)),
+    ('Authorization lines in a multipart/mixed batch', batch),
+    ('a form typed application/json', lambda s: post(
+        b'/x', b'password=%s&a=1' % s, b'application/json')),
+    ('a JavaScript object', lambda s: post(b'/x', b"{password: '%s'}" % s)),
+    ('a JavaScript object in text', lambda s: post(
+        b'/x', b"var cfg = {user: 'ann', password: '%s'};" % s, b'text/plain')),
+    ('XML', lambda s: post(
+        b'/x', b'<login><user>ann</user><password>%s</password></login>' % s,
+        b'application/xml')),
+    ('XML with a namespace and an attribute (WS-Security)', lambda s: post(
+        b'/soap', b'<wsse:UsernameToken><wsse:Username>ann</wsse:Username>'
+        b'<wsse:Password Type="PasswordText">%s</wsse:Password>'
+        b'</wsse:UsernameToken>' % s, b'text/xml')),
+    ('YAML', lambda s: post(b'/x', b'db:\n  user: ann\n  password: %s\n' % s,
+                            b'application/yaml')),
+    ('an env file', lambda s: post(b'/x', b'DB_USER=ann\nDB_PASSWORD=%s\n' % s,
+                                   b'text/plain')),
+    ('a JSON string holding JSON', lambda s: post(b'/x', json.dumps(
+        {'payload': json.dumps({'password': s.decode()})}).encode(),
+        b'application/json')),
+    ('a form value holding a URL', lambda s: post(
+        b'/x', b'next=' + quote(b'https://app/cb?token=' + s, safe='').encode(),
+        b'application/x-www-form-urlencoded')),
+    ('a query value holding a form', lambda s: b'GET /api?state=%s HTTP/1.1'
+     b'\r\nHost: x\r\n\r\n' % quote(b'a=1&token=' + s, safe='').encode()),
+    ('a query value holding a URL', lambda s: b'GET /api?next=%s HTTP/1.1'
+     b'\r\nHost: x\r\n\r\n' % quote(b'https://x/cb?access_token=' + s,
+                                    safe='').encode()),
+    ('a Referer with #access_token=', lambda s: H + b'Referer: https://app/cb'
+     b'#access_token=%s&token_type=bearer\r\n\r\n' % s),
+    (';jsessionid= in the path', lambda s: b'GET /api;jsessionid=%s?x=1 '
+     b'HTTP/1.1\r\nHost: x\r\n\r\n' % s),
+    (';jsessionid= in a Referer', lambda s: H + b'Referer: https://app/a;'
+     b'jsessionid=%s\r\n\r\n' % s),
+)
+
+QUOTED = table(
+    ('a refused request line with a space in its target', lambda s:
+     b'GET /a b?access_token=%s HTTP/1.1\r\nHost: x\r\n\r\n' % s),
+    ('a space in the target after a closing request', lambda s:
+     hunt_CLOSE + b'GET /a b?access_token=%s HTTP/1.1\r\nHost: x\r\n\r\n' % s),
+    ('a query token after a closing request', lambda s:
+     hunt_CLOSE + b'GET /b?access_token=%s HTTP/1.1\r\nHost: x\r\n\r\n' % s),
+    ('a blank line, then a query token, after a closing request', lambda s:
+     hunt_CLOSE + b'\r\nGET /b?access_token=%s HTTP/1.1\r\nHost: x\r\n\r\n' % s),
+    ('a blank line, then Authorization, after a closing request', lambda s:
+     hunt_CLOSE + b'\r\nAuthorization: Bearer %s\r\n\r\n' % s),
+    ('NAME: VALUE in a bad chunk-size line', lambda s:
+     CHUNKED + b'zz password: %s\r\n' % s),
+    ('a chunk extension named token, its value quoted', lambda s:
+     CHUNKED + b'1a;token="%s" x\r\n' % s),
+    ('NAME=VALUE words after a closing request', lambda s:
+     hunt_CLOSE + b'user=ann password=%s\r\n' % s),
+)
+
+
+def github_token():
+    return ('ghp_' + chars(36)).encode()
+
+
+# Beyond the brief: where a credential also shows today.  Each holds a
+# fresh GitHub token, of which all but 'ghp_' must not show, cut or whole.
+EXTRAS = [(case, build(g), g[4:]) for case, build in [
+    ('a JSON body whose preview ends inside a credential', lambda g: post(
+        b'/api', b'{"note": "%s %s"}' % (b'a' * (kek.DEFAULT_LOG_BODY - 30), g),
+        b'application/json')),
+    ('a text body whose preview ends inside a credential', lambda g: post(
+        b'/api', b'%s %s' % (b'a' * (kek.DEFAULT_LOG_BODY - 20), g),
+        b'text/plain')),
+    ('a header value cut inside a credential', lambda g: H + b'X-Debug: %s %s'
+     b'\r\n\r\n' % (b'a' * (kek.MAX_SHOWN_CHARS - 20), g)),
+    ('a URL cut inside a credential', lambda g: b'GET /api/%s/%s HTTP/1.1\r\n'
+     b'Host: x\r\n\r\n' % (b'a' * (kek.MAX_SHOWN_URL - 30), g)),
+    ('dropped bytes cut inside a credential', lambda g: hunt_CLOSE + b'%s %s\r\n'
+     % (b'a' * (kek.MAX_SHOWN_CHARS - 20), g)),
+    ('a credential as X-Request-Id', lambda g: H + b'X-Request-Id: %s\r\n\r\n'
+     % g),
+    ('a credential in a parameter of Content-Type', lambda g: post(
+        b'/api', b'x', b'text/plain; note=%s' % g)),
+    ('a credential as a bare query name', lambda g:
+     b'GET /api?%s HTTP/1.1\r\nHost: x\r\n\r\n' % g),
+    ('a credential as a JSON key', lambda g: post(
+        b'/api', b'{"%s": true}' % g, b'application/json')),
+    ('a credential as a cookie name', lambda g: H + b'Cookie: %s=1; a=2\r\n'
+     b'\r\n' % g),
+] for g in [github_token()]]
+
+BOT = ('%s:AAH%s' % (chars(10, '0123456789'), chars(32, URLSAFE))).encode()
+EXTRAS.append(('a Telegram token in a Bot API path', b'GET /bot%s/sendMessage'
+               b'?chat_id=1 HTTP/1.1\r\nHost: x\r\n\r\n' % BOT,
+               BOT.split(b':')[1]))
+CUT_JWT = person_jwt().encode()
+EXTRAS.append(('a JWT whose preview ends inside its claims', post(
+    b'/api', b'{"note": "%s %s"}'
+    % (b'a' * (kek.DEFAULT_LOG_BODY - 120), CUT_JWT), b'application/json'),
+    CUT_JWT.split(b'.')[1][:100]))
+
+# A credential in bytes that are not text: shown in base64 or hex, it is
+# the credential all the same.
+BINARY = [(case, build(g), g[4:]) for case, build in [
+    ('a protobuf body', lambda g: post(
+        b'/rpc', b'\x08\x01\x12\x28%s\x1a\x03ann' % g,
+        b'application/x-protobuf')),
+    ('an octet-stream', lambda g: post(
+        b'/up', b'\x00\x01config\x00%s\x00' % g, b'application/octet-stream')),
+    ('binary bytes after a closing request', lambda g: hunt_CLOSE + b'\x00\x01' + g),
+    ('a binary multipart text field', lambda g: post(b'/api', *form_data(
+        (b'Content-Disposition: form-data; name="blob"', b'\x00\x01' + g)))),
+] for g in [github_token()]]
+
+
+# -- Sending a table, and reading the whole log back ---------------------------
+
+SETTINGS = pytest.mark.parametrize(
+    'settings', [{}, {'LOG_HEADERS': False, 'LOG_BODY': 0},
+                 {'LOG_BODY': kek.MAX_LOG_BODY}],
+    ids=['defaults', 'headers and bodies off', 'largest previews'])
+FORMATS = pytest.mark.parametrize(
+    'formatter', [kek.TextFormatter, kek.JsonFormatter], ids=['text', 'json'])
+
+
+def send_all(server, cases, at_once=50):
+    """Send each case on a connection of its own, a batch of connections at
+    a time; the key of each case's last answer."""
+    keys = []
+    for start in range(0, len(cases), at_once):
+        socks = []
+        try:
+            for _, data, _ in cases[start:start + at_once]:
+                sock = server.connect()
+                socks.append(sock)
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+            for sock in socks:
+                answers = parse_responses(recv_until_closed(sock))
+                keys.append(answers[-1][1]['X-Request-Id'])
+        finally:
+            for sock in socks:
+                sock.close()
+    return keys
+
+
+def forms_of(secret):
+    """The secret as sent, in hex, and in base64 at each of the three
+    alignments it can have in a longer run of bytes."""
+    forms = [secret, secret.hex().encode()]
+    for skip in range(3):
+        encoded = base64.b64encode(secret[skip:])
+        forms.append(encoded[:len(encoded) - 4])   # its last group may differ
+    return forms
+
+
+def windows(data, size=WINDOW):
+    return {data[at:at + size] for at in range(len(data) - size + 1)}
+
+
+def leaked(log, cases):
+    """The cases some WINDOW bytes of whose secret are in the log."""
+    seen = windows(log)
+    return [case for case, _, secret in cases
+            if any(not seen.isdisjoint(windows(form))
+                   for form in forms_of(secret))]
+
+
+def run_table(tmp_path, monkeypatch, settings, formatter, cases):
+    for name, value in settings.items():
+        monkeypatch.setattr(kek, name, value)
+    server = Trap(tmp_path, formatter())
+    try:
+        keys = send_all(server, cases)
+    finally:
+        server.stop()
+    log = server.text_of_log()
+    missing = [case for (case, _, _), key in zip(cases, keys)
+               if key.encode() not in log]
+    assert missing == []                                # all logged...
+    shown = leaked(log, cases)
+    assert shown == []                                  # ...but no secret
+
+
+@SETTINGS
+@FORMATS
+def test_no_credential_shows_wherever_it_is(tmp_path, monkeypatch, settings,
+                                            formatter):
+    """A credential known by its shape shows under no name, in no place."""
+    run_table(tmp_path, monkeypatch, settings, formatter, SHAPES)
+
+
+@SETTINGS
+@FORMATS
+def test_no_value_of_a_name_spec_calls_secret_shows(tmp_path, monkeypatch,
+                                                    settings, formatter):
+    """pw, DBPASS, SAMLart, Authorisation, a lookalike letter, a NUL..."""
+    run_table(tmp_path, monkeypatch, settings, formatter, NAMES)
+
+
+@SETTINGS
+@FORMATS
+def test_no_secret_part_shows_in_any_spelling(tmp_path, monkeypatch, settings,
+                                              formatter):
+    """A part named password however spelled, a file however named, a
+    part whose name cannot be read: none shows its value."""
+    run_table(tmp_path, monkeypatch, settings, formatter, hunt_MULTIPART)
+
+
+@SETTINGS
+@FORMATS
+def test_no_secret_in_free_text_or_nested_values_shows(tmp_path, monkeypatch,
+                                                       settings, formatter):
+    run_table(tmp_path, monkeypatch, settings, formatter, TEXT)
+
+
+@SETTINGS
+@FORMATS
+def test_no_secret_in_quoted_bytes_shows(tmp_path, monkeypatch, settings,
+                                         formatter):
+    run_table(tmp_path, monkeypatch, settings, formatter, QUOTED)
+
+
+@SETTINGS
+@FORMATS
+def test_no_credential_shows_as_base64_or_hex(tmp_path, monkeypatch, settings,
+                                              formatter):
+    """Binary bytes are shown in base64 or hex; a credential among them is
+    a credential all the same (beyond the brief)."""
+    run_table(tmp_path, monkeypatch, settings, formatter, BINARY)
+
+
+@SETTINGS
+@FORMATS
+def test_no_credential_shows_cut_short_or_in_odd_places(
+        tmp_path, monkeypatch, settings, formatter):
+    """A credential cut by a limit is still one; X-Request-Id and
+    Content-Type show even with headers off (beyond the brief)."""
+    run_table(tmp_path, monkeypatch, settings, formatter, EXTRAS)
+
+
+# -- What the log shows instead ------------------------------------------------
+
+@pytest.fixture
+def hunt_trap(tmp_path):
+    server = Trap(tmp_path, kek.TextFormatter())
+    yield server
+    server.stop()
+
+
+def records_of(hunt_trap, data):
+    """The text of every record of the request data makes (its key from the
+    last answer), once its answer is logged."""
+    with hunt_trap.connect() as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        key = parse_responses(recv_until_closed(sock))[-1][1]['X-Request-Id']
+    wait_for(lambda: any('responded' in message
+                         for _, _, message in hunt_trap.chain(key)),
+             what='the answer record')
+    return '\n'.join(message for _, _, message in hunt_trap.chain(key))
+
+
+SPELLED = [(kind, make()) for kind, make in CREDENTIALS
+           if kind not in ('hunt_jwt', 'private key', 'userinfo', 'slack webhook')]
+
+
+@pytest.mark.parametrize('kind, credential', SPELLED, ids=[
+    credential[:credential.index('_') + 1] if kind == 'github token' else kind
+    for kind, credential in SPELLED])
+def test_a_credential_shows_as_its_kind_and_length(hunt_trap, kind, credential):
+    """So that one sees what was sent, and that it was recognised rather
+    than dropped."""
+    shown = '<%s, %d bytes>' % (kind, len(credential))
+    header = records_of(hunt_trap, in_header(credential))
+    assert '["X-Debug", "%s"]' % shown in header
+    assert shown in records_of(hunt_trap, in_query(credential))
+    assert shown in records_of(hunt_trap, in_json(credential))
+
+
+def test_a_slack_webhook_url_shows_as_its_kind(hunt_trap):
+    assert re.search(r'<slack webhook, \d+ bytes>',
+                     records_of(hunt_trap, in_header(slack_hook())))
+
+
+def test_a_jwt_shows_what_helps_debug_it_and_no_claim_of_a_person(hunt_trap):
+    token = person_jwt()
+    shown = (r'<jwt alg=RS256 typ=JWT kid=k1 iss=https://idp aud=api'
+             r' exp=in 4m(49|50)s iat=(5|6)s ago, %d bytes>' % len(token))
+    records = [records_of(hunt_trap, H + b'Authorization: Bearer %s\r\n\r\n'
+                          % token.encode()),
+               records_of(hunt_trap, in_header(token)),
+               records_of(hunt_trap, in_query(token)),
+               records_of(hunt_trap, in_json(token))]
+    assert re.search(r'\["Authorization", "Bearer %s"\]' % shown, records[0])
+    assert re.search(r'\["X-Debug", "%s"\]' % shown, records[1])
+    assert re.search(shown, records[2]) and re.search(shown, records[3])
+    text = '\n'.join(records)
+    for personal in ('user-8731-ann', 'ann.lee@example.com', 'sub=', 'email='):
+        assert personal not in text
+    assert token.rsplit('.', 1)[1][:WINDOW] not in text     # the signature
+
+
+def test_a_jwt_shows_only_the_fields_it_has(hunt_trap):
+    """An expired token, signed with a shared key, that says nothing more
+    than its expiry and a user id."""
+    token = hunt_jwt({'alg': 'HS256'}, {'exp': int(time.time()) - 180,
+                                   'user_id': 8731}, 32)
+    records = records_of(hunt_trap, in_header(token))
+    assert re.search(r'\["X-Debug", "<jwt alg=HS256 exp=expired 3m(\ds)? ago,'
+                     r' %d bytes>"\]' % len(token), records)
+    assert 'user_id' not in records
+
+
+def test_a_private_key_shows_as_its_kind(hunt_trap):
+    records = records_of(hunt_trap, in_text(pem_key()))
+    assert re.search(r'<private key, \d+ bytes>', records)
+    assert 'note for ops: ' in records          # the text around it stays
+
+
+def test_a_password_in_a_url_anywhere_shows_as_its_length(hunt_trap):
+    records = records_of(hunt_trap, H + b'X-Debug: postgres://ann:Zq7-Wombat-Lantern'
+                         b'@db:5432/app\r\nX-Mirror: https://Kx9vQ2mZ7rT4wLpY'
+                         b'@git.example/x.git\r\n\r\n')
+    assert '["X-Debug", "postgres://ann:<18 bytes>@db:5432/app"]' in records
+    assert '["X-Mirror", "https://<16 bytes>@git.example/x.git"]' in records
+
+
+@pytest.mark.parametrize('name', ['pw', 'DBPASS', 'SAMLart', 'oauth_verifier'])
+def test_a_name_spec_calls_secret_shows_its_length(hunt_trap, name):
+    records = records_of(hunt_trap, b'GET /api?%s=Kx9vQ2mZ7rT4wLpY HTTP/1.1\r\n'
+                         b'Host: x\r\n\r\n' % name.encode())
+    assert '%s=<16 bytes>' % name in records
+
+
+@pytest.mark.parametrize('head', [
+    b'Content-Disposition: form-data; name=password',
+    b'Content-Disposition: form-data; name = "password"',
+    b"Content-Disposition: form-data; name*=UTF-8''password",
+    b'Content-Disposition: form-data;\r\n name="password"'],
+    ids=['unquoted', 'blanks', 'RFC 2231', 'folded'])
+def test_a_part_name_is_read_in_every_spelling(hunt_trap, head):
+    """Read, not merely hidden: the summary names the part."""
+    records = records_of(hunt_trap, part(head)(b'Kx9vQ2mZ7rT4wLpY'))
+    assert re.search(r'"name": "password"[^}]*"<16 bytes>"', records)
+
+
+def test_a_file_named_by_filename_star_is_a_file(hunt_trap):
+    records = records_of(hunt_trap, part(
+        b"Content-Disposition: form-data; name=\"doc\"; "
+        b"filename*=UTF-8''notes%20v2.txt")(b'Kx9vQ2mZ7rT4wLpY'))
+    assert '"filename": "notes v2.txt"' in records
+
+
+# -- Records are bounded -------------------------------------------------------
+
+@FORMATS
+def test_a_long_header_name_is_cut(tmp_path, formatter):
+    """A 60,000-character name must not make a 60 KB line."""
+    name = b'X-' + b'n' * 59998
+    server = Trap(tmp_path, formatter())
+    try:
+        send_all(server, [('long', H + b'%s: v\r\n\r\n' % name, b'')])
+    finally:
+        server.stop()
+    log = server.text_of_log()
+    assert max(map(len, log.splitlines())) < 8 * 1024
+    assert b'(60000 chars in all)' in log
+
+
+def test_names_clients_invent_leave_no_memory_behind(tmp_path):
+    """No cache keeps the distinct long names many clients send."""
+    server = Trap(tmp_path, kek.TextFormatter())
+    cases = [('long', H + b'X-%05d%s: v\r\n\r\n' % (n, b'n' * 60000), b'')
+             for n in range(60)]
+    try:
+        send_all(server, cases[:1])
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        send_all(server, cases)
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+        server.stop()
+    assert after - before < 1024 * 1024      # 60 names of 60 KB: 3.6 MB
+
+
+# -- Characters that render as nothing -----------------------------------------
+
+NOTHING = ['\U0001d159', '\U00016fe4']
+
+
+@FORMATS
+def test_characters_that_render_as_nothing_are_escaped(tmp_path, formatter):
+    cases = []
+    for char in NOTHING:
+        raw = char.encode()
+        cases += [
+            ('path', b'GET /api/a%sb HTTP/1.1\r\nHost: x\r\n\r\n' % raw, b''),
+            ('query', b'GET /api?q=a%sb HTTP/1.1\r\nHost: x\r\n\r\n' % raw,
+             b''),
+            ('header', H + b'X-Note: a%sb\r\n\r\n' % raw, b''),
+            ('text', post(b'/api', b'a%sb' % raw, b'text/plain'), b''),
+            ('JSON', post(b'/api', b'{"a": "a%sb"}' % raw, b'application/json'),
+             b''),
+            ('refused', b'GET /api?q=a%sb HTTP/9.9\r\n\r\n' % raw, b'')]
+    combining = '\u0301'.encode()
+    cases += [
+        ('a combining mark starting a path segment',
+         b'GET /api/%sx HTTP/1.1\r\nHost: x\r\n\r\n' % combining, b''),
+        ('a combining mark starting the path',
+         b'GET /%sapi HTTP/1.1\r\nHost: x\r\n\r\n' % combining, b'')]
+    server = Trap(tmp_path, formatter())
+    try:
+        keys = send_all(server, cases)
+    finally:
+        server.stop()
+    log = server.text_of_log()
+    assert all(key.encode() in log for key in keys)
+    for char in NOTHING + ['/\u0301']:
+        assert char.encode() not in log, repr(char)
+    if formatter is kek.TextFormatter:
+        assert b'\\U0001d159' in log and b'\\U00016fe4' in log
+
+
+# -- A secret on the command line ----------------------------------------------
+
+SECRET_ARGUMENTS = [
+    ['--webhook-secret', 'hunter2'], ['--webhook-secret=hunter2'],
+    ['--api-key=hunter2'], ['--token', 'hunter2'], ['--password', 'hunter2'],
+    ['--port', '0', '--token', 'hunter2']]
+
+
+def test_a_secret_argument_from_a_shell_is_refused_and_not_echoed():
+    """Run as a shell runs it (argv from sys.argv, not main(argv)): exit 2,
+    one line naming the argument, never its value.  All at once, for speed."""
+    env = dict(os.environ, PORT='0', HOST='127.0.0.1')
+    env.pop('WEBHOOK_SECRET', None)
+    runs = [subprocess.Popen([sys.executable, hunt_KEK] + args, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for args in SECRET_ARGUMENTS]
+    wrong = []
+    for args, run in zip(SECRET_ARGUMENTS, runs):
+        try:
+            out, err = run.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.communicate()
+            wrong.append((args, 'still running: the server started'))
+            continue
+        name = args[-1].partition('=')[0] if '=' in args[-1] else args[-2]
+        if (run.returncode != 2 or b'hunter2' in out + err
+                or name.encode() not in err or len(err.splitlines()) != 1):
+            wrong.append((args, run.returncode, err))
+    assert wrong == []
+
+
+def test_a_text_of_more_credential_places_than_looked_at_shows_the_rest_by_length(
+        monkeypatch):
+    monkeypatch.setattr(kek, 'MAX_CREDENTIAL_TRIES', 2)
+    text = 'gh1 gh2 gh3 gh4 and ' + 'a' * 20
+    assert kek.hide_shapes(text) == 'gh1 gh2 <32 bytes>'
