@@ -4299,8 +4299,7 @@ def test_closed_standard_output_and_error_never_stop_the_answers(tmp_path):
 
 # -- What the log shows: the second hunt --------------------------------------
 
-hunt_KEK = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kek.py')
-hunt_CLOSE = H + b'Connection: close\r\n\r\n'
+CLOSING = H + b'Connection: close\r\n\r\n'
 WINDOW = 12     # a secret leaks if any this many of its bytes are in the log
 
 
@@ -4320,7 +4319,7 @@ def b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b'=').decode('ascii')
 
 
-def hunt_jwt(header, claims, signature_bytes=256):
+def signed_jwt(header, claims, signature_bytes=256):
     """A JSON Web Token as an identity provider issues it, but for its
     signature, which is random bytes of an RS256 signature's size."""
     return '.'.join((
@@ -4331,7 +4330,7 @@ def hunt_jwt(header, claims, signature_bytes=256):
 
 def person_jwt(now=None):
     now = int(time.time()) if now is None else now
-    return hunt_jwt({'alg': 'RS256', 'typ': 'JWT', 'kid': 'k1'},
+    return signed_jwt({'alg': 'RS256', 'typ': 'JWT', 'kid': 'k1'},
                {'iss': 'https://idp', 'aud': 'api', 'exp': now + 290,
                 'iat': now - 5, 'sub': 'user-8731-ann',
                 'email': 'ann.lee@example.com'})
@@ -4379,7 +4378,7 @@ CREDENTIALS = [
     ('digitalocean token', lambda: 'dop_v1_' + chars(64, HEX)),
     ('telegram bot token', lambda: '%s:AAH%s' % (chars(10, '0123456789'),
                                                 chars(32, URLSAFE))),
-    ('hunt_jwt', person_jwt),
+    ('signed_jwt', person_jwt),
     ('private key', pem_key),
     ('userinfo', lambda: 'postgres://ann:%s@db.example:5432/app' % chars(18)),
 ]
@@ -4390,7 +4389,7 @@ def distinctive(kind, credential):
     credential of its kind shares (and, of a JWT, its header)."""
     if kind == 'slack webhook':
         return credential.rsplit('/', 1)[1]
-    if kind == 'hunt_jwt':
+    if kind == 'signed_jwt':
         return credential.split('.', 1)[1]
     if kind == 'private key':
         return ''.join(credential.splitlines()[1:-1])[40:]
@@ -4469,7 +4468,7 @@ def in_bad_header_line(c):
 
 
 def after_a_closing_request(c):
-    return hunt_CLOSE + (b'GET /api?note=%s HTTP/1.1\r\nHost: x\r\n\r\n'
+    return CLOSING + (b'GET /api?note=%s HTTP/1.1\r\nHost: x\r\n\r\n'
                     % quote(c, safe=':/@').encode())
 
 
@@ -4578,7 +4577,7 @@ def part(head):
         (b'Content-Disposition: form-data; name="user"', b'ann'), (head, s)))
 
 
-hunt_MULTIPART = table(
+PART_SPELLINGS = table(
     ('an unquoted name',
      part(b'Content-Disposition: form-data; name=password')),
     ('blanks around =',
@@ -4670,19 +4669,19 @@ QUOTED = table(
     ('a refused request line with a space in its target', lambda s:
      b'GET /a b?access_token=%s HTTP/1.1\r\nHost: x\r\n\r\n' % s),
     ('a space in the target after a closing request', lambda s:
-     hunt_CLOSE + b'GET /a b?access_token=%s HTTP/1.1\r\nHost: x\r\n\r\n' % s),
+     CLOSING + b'GET /a b?access_token=%s HTTP/1.1\r\nHost: x\r\n\r\n' % s),
     ('a query token after a closing request', lambda s:
-     hunt_CLOSE + b'GET /b?access_token=%s HTTP/1.1\r\nHost: x\r\n\r\n' % s),
+     CLOSING + b'GET /b?access_token=%s HTTP/1.1\r\nHost: x\r\n\r\n' % s),
     ('a blank line, then a query token, after a closing request', lambda s:
-     hunt_CLOSE + b'\r\nGET /b?access_token=%s HTTP/1.1\r\nHost: x\r\n\r\n' % s),
+     CLOSING + b'\r\nGET /b?access_token=%s HTTP/1.1\r\nHost: x\r\n\r\n' % s),
     ('a blank line, then Authorization, after a closing request', lambda s:
-     hunt_CLOSE + b'\r\nAuthorization: Bearer %s\r\n\r\n' % s),
+     CLOSING + b'\r\nAuthorization: Bearer %s\r\n\r\n' % s),
     ('NAME: VALUE in a bad chunk-size line', lambda s:
      CHUNKED + b'zz password: %s\r\n' % s),
     ('a chunk extension named token, its value quoted', lambda s:
      CHUNKED + b'1a;token="%s" x\r\n' % s),
     ('NAME=VALUE words after a closing request', lambda s:
-     hunt_CLOSE + b'user=ann password=%s\r\n' % s),
+     CLOSING + b'user=ann password=%s\r\n' % s),
 )
 
 
@@ -4703,7 +4702,7 @@ EXTRAS = [(case, build(g), g[4:]) for case, build in [
      b'\r\n\r\n' % (b'a' * (kek.MAX_SHOWN_CHARS - 20), g)),
     ('a URL cut inside a credential', lambda g: b'GET /api/%s/%s HTTP/1.1\r\n'
      b'Host: x\r\n\r\n' % (b'a' * (kek.MAX_SHOWN_URL - 30), g)),
-    ('dropped bytes cut inside a credential', lambda g: hunt_CLOSE + b'%s %s\r\n'
+    ('dropped bytes cut inside a credential', lambda g: CLOSING + b'%s %s\r\n'
      % (b'a' * (kek.MAX_SHOWN_CHARS - 20), g)),
     ('a credential as X-Request-Id', lambda g: H + b'X-Request-Id: %s\r\n\r\n'
      % g),
@@ -4735,7 +4734,7 @@ BINARY = [(case, build(g), g[4:]) for case, build in [
         b'application/x-protobuf')),
     ('an octet-stream', lambda g: post(
         b'/up', b'\x00\x01config\x00%s\x00' % g, b'application/octet-stream')),
-    ('binary bytes after a closing request', lambda g: hunt_CLOSE + b'\x00\x01' + g),
+    ('binary bytes after a closing request', lambda g: CLOSING + b'\x00\x01' + g),
     ('a binary multipart text field', lambda g: post(b'/api', *form_data(
         (b'Content-Disposition: form-data; name="blob"', b'\x00\x01' + g)))),
 ] for g in [github_token()]]
@@ -4832,7 +4831,7 @@ def test_no_secret_part_shows_in_any_spelling(tmp_path, monkeypatch, settings,
                                               formatter):
     """A part named password however spelled, a file however named, a
     part whose name cannot be read: none shows its value."""
-    run_table(tmp_path, monkeypatch, settings, formatter, hunt_MULTIPART)
+    run_table(tmp_path, monkeypatch, settings, formatter, PART_SPELLINGS)
 
 
 @SETTINGS
@@ -4869,57 +4868,50 @@ def test_no_credential_shows_cut_short_or_in_odd_places(
 
 # -- What the log shows instead ------------------------------------------------
 
-@pytest.fixture
-def hunt_trap(tmp_path):
-    server = Trap(tmp_path, kek.TextFormatter())
-    yield server
-    server.stop()
-
-
-def records_of(hunt_trap, data):
+def records_of(trap, data):
     """The text of every record of the request data makes (its key from the
     last answer), once its answer is logged."""
-    with hunt_trap.connect() as sock:
+    with trap.connect() as sock:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         key = parse_responses(recv_until_closed(sock))[-1][1]['X-Request-Id']
     wait_for(lambda: any('responded' in message
-                         for _, _, message in hunt_trap.chain(key)),
+                         for _, _, message in trap.chain(key)),
              what='the answer record')
-    return '\n'.join(message for _, _, message in hunt_trap.chain(key))
+    return '\n'.join(message for _, _, message in trap.chain(key))
 
 
 SPELLED = [(kind, make()) for kind, make in CREDENTIALS
-           if kind not in ('hunt_jwt', 'private key', 'userinfo', 'slack webhook')]
+           if kind not in ('signed_jwt', 'private key', 'userinfo', 'slack webhook')]
 
 
 @pytest.mark.parametrize('kind, credential', SPELLED, ids=[
     credential[:credential.index('_') + 1] if kind == 'github token' else kind
     for kind, credential in SPELLED])
-def test_a_credential_shows_as_its_kind_and_length(hunt_trap, kind, credential):
+def test_a_credential_shows_as_its_kind_and_length(trap, kind, credential):
     """So that one sees what was sent, and that it was recognised rather
     than dropped."""
     shown = '<%s, %d bytes>' % (kind, len(credential))
-    header = records_of(hunt_trap, in_header(credential))
+    header = records_of(trap, in_header(credential))
     assert '["X-Debug", "%s"]' % shown in header
-    assert shown in records_of(hunt_trap, in_query(credential))
-    assert shown in records_of(hunt_trap, in_json(credential))
+    assert shown in records_of(trap, in_query(credential))
+    assert shown in records_of(trap, in_json(credential))
 
 
-def test_a_slack_webhook_url_shows_as_its_kind(hunt_trap):
+def test_a_slack_webhook_url_shows_as_its_kind(trap):
     assert re.search(r'<slack webhook, \d+ bytes>',
-                     records_of(hunt_trap, in_header(slack_hook())))
+                     records_of(trap, in_header(slack_hook())))
 
 
-def test_a_jwt_shows_what_helps_debug_it_and_no_claim_of_a_person(hunt_trap):
+def test_a_jwt_shows_what_helps_debug_it_and_no_claim_of_a_person(trap):
     token = person_jwt()
     shown = (r'<jwt alg=RS256 typ=JWT kid=k1 iss=https://idp aud=api'
              r' exp=in 4m(49|50)s iat=(5|6)s ago, %d bytes>' % len(token))
-    records = [records_of(hunt_trap, H + b'Authorization: Bearer %s\r\n\r\n'
+    records = [records_of(trap, H + b'Authorization: Bearer %s\r\n\r\n'
                           % token.encode()),
-               records_of(hunt_trap, in_header(token)),
-               records_of(hunt_trap, in_query(token)),
-               records_of(hunt_trap, in_json(token))]
+               records_of(trap, in_header(token)),
+               records_of(trap, in_query(token)),
+               records_of(trap, in_json(token))]
     assert re.search(r'\["Authorization", "Bearer %s"\]' % shown, records[0])
     assert re.search(r'\["X-Debug", "%s"\]' % shown, records[1])
     assert re.search(shown, records[2]) and re.search(shown, records[3])
@@ -4929,25 +4921,25 @@ def test_a_jwt_shows_what_helps_debug_it_and_no_claim_of_a_person(hunt_trap):
     assert token.rsplit('.', 1)[1][:WINDOW] not in text     # the signature
 
 
-def test_a_jwt_shows_only_the_fields_it_has(hunt_trap):
+def test_a_jwt_shows_only_the_fields_it_has(trap):
     """An expired token, signed with a shared key, that says nothing more
     than its expiry and a user id."""
-    token = hunt_jwt({'alg': 'HS256'}, {'exp': int(time.time()) - 180,
+    token = signed_jwt({'alg': 'HS256'}, {'exp': int(time.time()) - 180,
                                    'user_id': 8731}, 32)
-    records = records_of(hunt_trap, in_header(token))
+    records = records_of(trap, in_header(token))
     assert re.search(r'\["X-Debug", "<jwt alg=HS256 exp=expired 3m(\ds)? ago,'
                      r' %d bytes>"\]' % len(token), records)
     assert 'user_id' not in records
 
 
-def test_a_private_key_shows_as_its_kind(hunt_trap):
-    records = records_of(hunt_trap, in_text(pem_key()))
+def test_a_private_key_shows_as_its_kind(trap):
+    records = records_of(trap, in_text(pem_key()))
     assert re.search(r'<private key, \d+ bytes>', records)
     assert 'note for ops: ' in records          # the text around it stays
 
 
-def test_a_password_in_a_url_anywhere_shows_as_its_length(hunt_trap):
-    records = records_of(hunt_trap, H + b'X-Debug: postgres://ann:Zq7-Wombat-Lantern'
+def test_a_password_in_a_url_anywhere_shows_as_its_length(trap):
+    records = records_of(trap, H + b'X-Debug: postgres://ann:Zq7-Wombat-Lantern'
                          b'@db:5432/app\r\nX-Mirror: https://Kx9vQ2mZ7rT4wLpY'
                          b'@git.example/x.git\r\n\r\n')
     assert '["X-Debug", "postgres://ann:<18 bytes>@db:5432/app"]' in records
@@ -4955,8 +4947,8 @@ def test_a_password_in_a_url_anywhere_shows_as_its_length(hunt_trap):
 
 
 @pytest.mark.parametrize('name', ['pw', 'DBPASS', 'SAMLart', 'oauth_verifier'])
-def test_a_name_spec_calls_secret_shows_its_length(hunt_trap, name):
-    records = records_of(hunt_trap, b'GET /api?%s=Kx9vQ2mZ7rT4wLpY HTTP/1.1\r\n'
+def test_a_name_spec_calls_secret_shows_its_length(trap, name):
+    records = records_of(trap, b'GET /api?%s=Kx9vQ2mZ7rT4wLpY HTTP/1.1\r\n'
                          b'Host: x\r\n\r\n' % name.encode())
     assert '%s=<16 bytes>' % name in records
 
@@ -4967,14 +4959,14 @@ def test_a_name_spec_calls_secret_shows_its_length(hunt_trap, name):
     b"Content-Disposition: form-data; name*=UTF-8''password",
     b'Content-Disposition: form-data;\r\n name="password"'],
     ids=['unquoted', 'blanks', 'RFC 2231', 'folded'])
-def test_a_part_name_is_read_in_every_spelling(hunt_trap, head):
+def test_a_part_name_is_read_in_every_spelling(trap, head):
     """Read, not merely hidden: the summary names the part."""
-    records = records_of(hunt_trap, part(head)(b'Kx9vQ2mZ7rT4wLpY'))
+    records = records_of(trap, part(head)(b'Kx9vQ2mZ7rT4wLpY'))
     assert re.search(r'"name": "password"[^}]*"<16 bytes>"', records)
 
 
-def test_a_file_named_by_filename_star_is_a_file(hunt_trap):
-    records = records_of(hunt_trap, part(
+def test_a_file_named_by_filename_star_is_a_file(trap):
+    records = records_of(trap, part(
         b"Content-Disposition: form-data; name=\"doc\"; "
         b"filename*=UTF-8''notes%20v2.txt")(b'Kx9vQ2mZ7rT4wLpY'))
     assert '"filename": "notes v2.txt"' in records
@@ -5066,7 +5058,7 @@ def test_a_secret_argument_from_a_shell_is_refused_and_not_echoed():
     one line naming the argument, never its value.  All at once, for speed."""
     env = dict(os.environ, PORT='0', HOST='127.0.0.1')
     env.pop('WEBHOOK_SECRET', None)
-    runs = [subprocess.Popen([sys.executable, hunt_KEK] + args, env=env,
+    runs = [subprocess.Popen([sys.executable, KEK] + args, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for args in SECRET_ARGUMENTS]
     wrong = []
