@@ -1362,8 +1362,6 @@ def body_fields(data, media, cut):
 
 
 JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[{}\[\]:,]|[^\s{}\[\]:,"]+')
-# Text in which no key can be secret: no hint is in it, nor an escape.
-JSON_HINTS = SECRET_HINTS + ('\\u',)
 
 
 def redact_json(text, depth=0):
