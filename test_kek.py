@@ -5082,3 +5082,8 @@ def test_a_text_of_more_credential_places_than_looked_at_shows_the_rest_by_lengt
     monkeypatch.setattr(kek, 'MAX_CREDENTIAL_TRIES', 2)
     text = 'gh1 gh2 gh3 gh4 and ' + 'a' * 20
     assert kek.hide_shapes(text) == 'gh1 gh2 <32 bytes>'
+
+
+def test_json_past_max_json_tokens_is_shown_by_its_length(monkeypatch):
+    monkeypatch.setattr(kek, 'MAX_JSON_TOKENS', 4)
+    assert kek.redact_json('{"a": 1, "token": "x"}') == '{"a": 1<15 bytes>'
