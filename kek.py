@@ -38,6 +38,7 @@ import selectors
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import time
 import unicodedata
@@ -101,9 +102,118 @@ RESERVED_FDS = 16               # descriptors kept for the log, the listener...
 LOG_FLUSH_BYTES = 256 * 1024    # records written in a round before its end
 
 
-# What main() sets from LOG_HEADERS and LOG_BODY.
-LOG_HEADERS = True
-LOG_BODY = DEFAULT_LOG_BODY
+# Each setting, declared once (Setting): its variable, its argument if it
+# has one, its default, how its text is read, and its help.  Settings holds
+# their values; main() reads them into SETTINGS, the one every request
+# reads, before the server starts.
+
+def number_up_to(maximum, what):
+    """A reader of a decimal number from 0 to maximum; its length is checked
+    before int() reads it."""
+    def read(text):
+        if not (text.isascii() and text.isdigit()
+                and len(text) <= len(str(maximum)) and int(text) <= maximum):
+            raise ValueError('is not %s (0-%d)' % (what, maximum))
+        return int(text)
+    return read
+
+
+def one_of(values):
+    """A reader of one of values' keys: what it stands for."""
+    def read(text):
+        if text not in values:
+            raise ValueError('is not one of %s' % ', '.join(values))
+        return values[text]
+    return read
+
+
+def not_empty(advice, value=str):
+    """A reader of any text but ''."""
+    def read(text):
+        if not text:
+            raise ValueError('is empty: ' + advice)
+        return value(text)
+    return read
+
+
+class Setting:
+    """One setting: its environment variable (and argument), its default,
+    its reader (text to value; ValueError says what is wrong) and its
+    help.  A secret's text is never shown, in an error or anywhere."""
+
+    def __init__(self, name, shape, default, read, help, argument=None,
+                 secret=False, shown_default=None):
+        self.name = name
+        self.attribute = name.lower()
+        self.shape = shape              # what --help says it takes: PORT=N
+        self.default = default
+        self.read = read
+        self.help = help
+        self.argument = argument
+        self.secret = secret
+        self.shown_default = (str(default) if shown_default is None
+                              else shown_default)
+
+
+ON_OFF = {'on': True, 'off': False}
+
+
+class Settings:
+    """What kek runs with, one attribute a setting: the defaults, or what
+    read_settings() found.  sources names where each value came from (PORT,
+    --port), for the errors that name it."""
+
+    DECLARED = (
+        Setting('PORT', 'N', DEFAULT_PORT,
+                number_up_to(MAX_PORT, 'a port number'),
+                'TCP port, 0-%d; 0 picks a free one' % MAX_PORT, '--port'),
+        Setting('HOST', 'H', DEFAULT_HOST,
+                not_empty('name an address, or leave it unset for %s'
+                          % DEFAULT_HOST),
+                'address to bind, IPv4 or IPv6', '--host'),
+        Setting('LOG_FILE', 'PATH', None,
+                not_empty('name a file, or leave it unset for standard output'),
+                'append the log to PATH; reopened when moved away or on'
+                ' SIGHUP', shown_default='standard output'),
+        Setting('LOG_FORMAT', 'F', 'text',
+                one_of({name: name for name in LOG_FORMATS}),
+                ' or '.join(LOG_FORMATS)),
+        Setting('LOG_HEADERS', 'X', True, one_of(ON_OFF),
+                'on or off: every header on the arrival record, credentials'
+                ' redacted', shown_default='on'),
+        Setting('LOG_BODY', 'N', DEFAULT_LOG_BODY,
+                number_up_to(MAX_LOG_BODY, 'a number of bytes'),
+                'bytes of each body shown on its body record, 0-%d'
+                % MAX_LOG_BODY),
+        Setting('CORS', 'X', True, one_of(ON_OFF),
+                'on or off: let pages in browsers on any origin call kek and'
+                ' read its answers', shown_default='on'),
+        Setting('WEBHOOK_SECRET', 'S', None,
+                not_empty('set the secret, or leave it unset to check no'
+                          ' signature',
+                          lambda text: text.encode('utf-8', 'surrogateescape')),
+                "the webhook senders' shared secret: each request's signature"
+                ' is checked and the result logged.  From the environment'
+                ' only, and never printed', secret=True, shown_default='unset'),
+        # Its text is checked by read_settings(), which has the grammar of a
+        # header name and the signature schemes.
+        Setting('WEBHOOK_SIGNATURE_HEADER', 'NAME', None, str.lower,
+                'a header your own sender puts an HMAC-SHA256 of the body in,'
+                ' hex or base64; needs WEBHOOK_SECRET', shown_default='unset'),
+    )
+
+    def __init__(self, **values):
+        for setting in self.DECLARED:
+            setattr(self, setting.attribute, setting.default)
+        self.sources = {}
+        self.__dict__.update(values)
+
+    def update(self, other):
+        """Take other's values: main() sets SETTINGS so."""
+        self.__dict__.update(vars(other))
+
+
+SETTINGS = Settings()
 
 
 # -- Keys ----------------------------------------------------------------------
@@ -1065,25 +1175,27 @@ def shown_header(name, value):
     """A header's value as the log shows it (SPEC 3, "What is never
     logged"): credentials never, the rest cut; only its length when
     LOG_HEADERS is off."""
-    if not LOG_HEADERS:
+    if not SETTINGS.log_headers:
         return length(value)
     return header_rule(name)(value)
 
 
 def header_rule(name):
-    """The function that shows a value of the header of this name."""
+    """The function that shows a value of the header of this name.  The
+    signature header of one's own (WEBHOOK_SIGNATURE_HEADER) is a secret."""
+    own = SETTINGS.webhook_signature_header
     if len(name) > MAX_CACHED_NAME:
-        return judged_header_rule(name)
-    return remembered_header_rule(name)
+        return judged_header_rule(name, own)
+    return remembered_header_rule(name, own)
 
 
-def judged_header_rule(name):
+def judged_header_rule(name, own):
     lower = name.lower()
     if lower == 'authorization' or lower == 'proxy-authorization':
         return shown_credentials
     if lower == 'cookie' or lower == 'set-cookie':
         return shown_cookies
-    if secret_name(name) or lower == WEBHOOK_SIGNATURE_HEADER:  # see main()
+    if secret_name(name) or lower == own:
         return length
     if lower == 'content-length':
         return shown_content_length
@@ -1094,7 +1206,8 @@ def judged_header_rule(name):
     return shown_free
 
 
-# Names up to MAX_CACHED_NAME characters, 4096 of them: under 1 MiB.
+# Names up to MAX_CACHED_NAME characters, 4096 of them: under 1 MiB.  The
+# key holds WEBHOOK_SIGNATURE_HEADER too, so a new setting needs no clearing.
 remembered_header_rule = functools.lru_cache(maxsize=4096)(judged_header_rule)
 
 
@@ -1486,8 +1599,8 @@ def quoted(data, size=None):
     header = header_line(line)
     if header is not None:
         return header + more
-    kind, shown_text = viewed(text, size, LOG_BODY)
-    if not LOG_BODY:
+    kind, shown_text = viewed(text, size, SETTINGS.log_body)
+    if not SETTINGS.log_body:
         return '%s, %s' % (in_bytes(size), kind)
     return '%s, %s: %s' % (in_bytes(size), kind, shown_text)
 
@@ -1582,7 +1695,8 @@ def shown_parts(reader):
         elif not name or secret_name(name):
             shown_part['value'] = hidden_size(part.size)
         else:
-            kind, value = viewed(as_text(part.start), part.size, LOG_BODY)
+            kind, value = viewed(as_text(part.start), part.size,
+                                 SETTINGS.log_body)
             shown_part['value'] = (hidden_size(part.size, 'binary')
                                    if kind == 'binary' else value)
         parts.append(shown_part)
@@ -1970,7 +2084,8 @@ def body_reader(request):
 def body_of(request):
     """The Body that is fed the request's body: LOG_BODY bytes of it, the
     parts if it is multipart/form-data, the signatures it carries."""
-    return Body(LOG_BODY, multipart_reader(request), signatures_of(request))
+    return Body(SETTINGS.log_body, multipart_reader(request),
+                signatures_of(request))
 
 
 class Body:
@@ -2018,7 +2133,7 @@ def multipart_reader(request):
     is shown at all; else None.  Without a boundary its parts cannot be
     told apart, and none of it is shown: its files may be anywhere."""
     content_type = request.headers.get('content-type', '')
-    if not LOG_BODY or media_type(content_type) != 'multipart/form-data':
+    if not SETTINGS.log_body or media_type(content_type) != 'multipart/form-data':
         return None
     match = BOUNDARY.search(content_type)
     if match is None:
@@ -2114,7 +2229,7 @@ class MultipartReader:
     def take(self, buffer, start, end):
         part = self.part
         part.size += end - start
-        keep = min(QUOTED_BYTES, LOG_BODY) - len(part.start)
+        keep = min(QUOTED_BYTES, SETTINGS.log_body) - len(part.start)
         if keep > 0:
             part.start += buffer[start:min(end, start + keep)]
 
@@ -2341,10 +2456,6 @@ TOLERANCES = {'stripe': 300, 'slack': 300, 'standard': 300, 'paddle': 5}
 MAX_TIMESTAMP_DIGITS = 12
 BASE64_MAC = re.compile('[A-Za-z0-9+/]{43}=')     # of a SHA-256
 
-# What main() sets from WEBHOOK_SECRET and WEBHOOK_SIGNATURE_HEADER.
-WEBHOOK_SECRET = None           # the shared secret, as bytes
-WEBHOOK_SIGNATURE_HEADER = None  # the lower-case name of one's own header
-
 
 class Malformed(Exception):
     """A signature header that cannot be read: the reason."""
@@ -2353,7 +2464,7 @@ class Malformed(Exception):
 def signatures_of(request):
     """The Signature of each known signature header of the request (none if
     WEBHOOK_SECRET is unset): the body, as it streams in, is fed to them."""
-    if WEBHOOK_SECRET is None:
+    if SETTINGS.webhook_secret is None:
         return None
     headers = request.headers
     names = SIGNATURE_NAMES.intersection(headers)
@@ -2366,8 +2477,9 @@ def signatures_of(request):
     found = []
     for name in names:
         found.append(Signature(SIGNATURE_SCHEMES[name], name, headers))
-    if WEBHOOK_SIGNATURE_HEADER in headers:
-        found.append(Signature('custom', WEBHOOK_SIGNATURE_HEADER, headers))
+    if SETTINGS.webhook_signature_header in headers:
+        found.append(Signature('custom', SETTINGS.webhook_signature_header,
+                               headers))
     return found
 
 
@@ -2436,7 +2548,8 @@ class Signature:
             self.problem = str(malformed)
             return
         if digest is not None:
-            for inner, outer in keyed_hashes(WEBHOOK_SECRET, scheme, digest):
+            for inner, outer in keyed_hashes(SETTINGS.webhook_secret, scheme,
+                                             digest):
                 inner = inner.copy()
                 if prefix:
                     inner.update(prefix)
@@ -2571,7 +2684,7 @@ class Signature:
         if self.problem:
             return 'malformed: %s; %s' % (self.scheme, self.problem)
         if self.scheme == 'gitlab':
-            ok = hmac.compare_digest(self.given[0], WEBHOOK_SECRET)
+            ok = hmac.compare_digest(self.given[0], SETTINGS.webhook_secret)
             return '%s: gitlab' % ('ok' if ok else 'mismatch')
         age = self.age() if self.timestamp is not None else ''
         # A copy for the hints, only when the body ends as they say.
@@ -2632,8 +2745,6 @@ TOKEN_LIST = re.compile(r'[%s]{1,%d}(?:[ \t]*,[ \t]*[%s]{1,%d}){0,%d}'
                            MAX_HEADERS))
 PREFLIGHT_MAX_AGE = 600         # seconds a browser may keep a preflight's answer
 
-# What main() sets from CORS.
-CORS = True
 
 
 def cors_headers(request):
@@ -2641,7 +2752,7 @@ def cors_headers(request):
     unless CORS is on and it has an Origin that is a serialized origin;
     nothing a client sent is copied into them unchecked."""
     origin = request.headers.get('origin')
-    if not CORS or origin is None or not ORIGIN.fullmatch(origin):
+    if not SETTINGS.cors or origin is None or not ORIGIN.fullmatch(origin):
         return ''
     lines = ('Access-Control-Allow-Origin: %s\r\n'
              'Access-Control-Allow-Credentials: true\r\n'
@@ -3083,7 +3194,7 @@ def log_arrival(request):
         fields['x_request_id'] = shown(headers['x-request-id'])
     if 'traceparent' in headers:
         fields['traceparent'] = shown(headers['traceparent'])
-    if LOG_HEADERS:
+    if SETTINGS.log_headers:
         fields['headers'] = [(shown_name(name), header_rule(name)(value))
                              for name, value in request.header_list]
     request.log.info('%s %s' % (request.method, url),
@@ -3183,7 +3294,7 @@ def query(request):
     log_arrival(request)
     if request.body is not None:
         log_body(request)
-    if WEBHOOK_SECRET is not None:
+    if SETTINGS.webhook_secret is not None:
         log_signatures(request)
     log_preflight(request)
     errors = []
@@ -3440,91 +3551,60 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SettingError(message)
 
 
-SETTINGS_HELP = """\
-environment (an argument wins over its variable):
-  PORT=N           TCP port, 0-%(max_port)d; 0 picks a free one (default %(port)d)
-  HOST=H           address to bind, IPv4 or IPv6 (default %(host)s)
-  LOG_FILE=PATH    append the log to PATH; reopened when moved away or on
-                   SIGHUP (default: standard output)
-  LOG_FORMAT=F     text or json (default text)
-  LOG_HEADERS=X    on or off: every header on the arrival record, credentials
-                   redacted (default on)
-  LOG_BODY=N       bytes of each body shown on its body record, 0-%(max_body)d
-                   (default %(body)d)
-  CORS=X           on or off: let pages in browsers on any origin call kek
-                   and read its answers (default on)
-  WEBHOOK_SECRET=S the webhook senders' shared secret: each request's
-                   signature is checked and the result logged (default
-                   unset).  From the environment only, and never printed
-  WEBHOOK_SIGNATURE_HEADER=NAME
-                   a header your own sender puts an HMAC-SHA256 of the body
-                   in, hex or base64 (default unset; needs WEBHOOK_SECRET)
-
-a text log line: KEY +OFFSETms LEVEL WHERE MESSAGE, where KEY is the request's
-arrival time; grep '^KEY ' prints that request's whole story.
-""" % {'port': DEFAULT_PORT, 'max_port': MAX_PORT, 'host': DEFAULT_HOST,
-       'max_body': MAX_LOG_BODY, 'body': DEFAULT_LOG_BODY}
-
-
-def number_up_to(text, maximum):
-    """True if text is a decimal number from 0 to maximum; its length is
-    checked before int() reads it."""
-    return (DIGITS.fullmatch(text) is not None
-            and len(text) <= len(str(maximum)) and int(text) <= maximum)
+def settings_help():
+    """What --help says after the arguments: each setting as declared, and
+    how to read a log line."""
+    lines = ['environment (an argument wins over its variable):']
+    for setting in Settings.DECLARED:
+        head = '  %s=%s' % (setting.name, setting.shape)
+        text = '%s (default %s)' % (setting.help, setting.shown_default)
+        if len(head) > 18:
+            lines.append(head)
+            head = ''
+        lines.extend(textwrap.wrap(text, 79, initial_indent=head.ljust(19),
+                                   subsequent_indent=' ' * 19))
+    return '\n'.join(lines + [
+        '', "a text log line: KEY +OFFSETms LEVEL WHERE MESSAGE, where KEY is"
+        " the request's", "arrival time; grep '^KEY ' prints that request's"
+        ' whole story.', ''])
 
 
 def read_settings(argv, environ):
-    """The settings from arguments and environment; SettingError names the
-    first bad one."""
+    """The Settings from arguments and environment; SettingError names the
+    first bad one, and never a secret's text."""
     parser = ArgumentParser(
         prog='kek', description='A request trap: answers every HTTP request'
         ' with 200 and logs its whole story under its arrival time.',
-        epilog=SETTINGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--port', help='TCP port, 0-%d; 0 picks a free'
-                        ' one (default: $PORT or %d)' % (MAX_PORT, DEFAULT_PORT))
-    parser.add_argument('--host', help='address to bind, IPv4 or IPv6'
-                        ' (default: $HOST or %s)' % DEFAULT_HOST)
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    for setting in Settings.DECLARED:
+        if setting.argument:
+            parser.add_argument(setting.argument, dest=setting.attribute,
+                                help='%s (default: $%s or %s)' % (
+                                    setting.help, setting.name,
+                                    setting.shown_default))
     for arg in argv:
         name = arg.partition('=')[0]
         if name.startswith('-') and secret_name(name.lstrip('-')):
             raise SettingError('%s: a secret is never an argument (a command'
                                ' line is seen by every user of the machine);'
                                ' set WEBHOOK_SECRET in the environment' % name)
-    args = parser.parse_args(argv)
-    port_name, port = (('--port', args.port) if args.port is not None
-                       else ('PORT', environ.get('PORT', str(DEFAULT_PORT))))
-    if not number_up_to(port, MAX_PORT):
-        raise SettingError('%s=%r is not a port number (0-%d)'
-                           % (port_name, port, MAX_PORT))
-    host_name, host = (('--host', args.host) if args.host is not None
-                       else ('HOST', environ.get('HOST', DEFAULT_HOST)))
-    if not host:
-        raise SettingError('%s=%r is empty: name an address, or leave it'
-                           ' unset for %s' % (host_name, host, DEFAULT_HOST))
-    log_file = environ.get('LOG_FILE')
-    if log_file == '':
-        raise SettingError("LOG_FILE='' is empty: name a file, or leave it"
-                           " unset for standard output")
-    log_format = environ.get('LOG_FORMAT', 'text')
-    if log_format not in LOG_FORMATS:
-        raise SettingError('LOG_FORMAT=%r is not one of %s'
-                           % (log_format, ', '.join(LOG_FORMATS)))
-    log_headers = environ.get('LOG_HEADERS', 'on')
-    if log_headers not in LOG_HEADERS_VALUES:
-        raise SettingError('LOG_HEADERS=%r is not one of %s'
-                           % (log_headers, ', '.join(LOG_HEADERS_VALUES)))
-    log_body = environ.get('LOG_BODY', str(DEFAULT_LOG_BODY))
-    if not number_up_to(log_body, MAX_LOG_BODY):
-        raise SettingError('LOG_BODY=%r is not a number of bytes (0-%d)'
-                           % (log_body, MAX_LOG_BODY))
-    cors = environ.get('CORS', 'on')
-    if cors not in CORS_VALUES:
-        raise SettingError('CORS=%r is not one of %s'
-                           % (cors, ', '.join(CORS_VALUES)))
-    secret = environ.get('WEBHOOK_SECRET')
-    if secret == '':        # the only value of a secret an error may show
-        raise SettingError('WEBHOOK_SECRET is empty: set the secret, or'
-                           ' leave it unset to check no signature')
+    args = vars(parser.parse_args(argv))
+    settings = Settings()
+    for setting in Settings.DECLARED:
+        source, text = setting.argument, args.get(setting.attribute)
+        if text is None:
+            source, text = setting.name, environ.get(setting.name)
+        if text is None:
+            continue
+        try:
+            value = setting.read(text)
+        except ValueError as error:
+            if setting.secret:
+                raise SettingError('%s %s' % (source, error))
+            raise SettingError('%s=%r %s' % (source, text, error))
+        setattr(settings, setting.attribute, value)
+        settings.sources[setting.attribute] = source
     header = environ.get('WEBHOOK_SIGNATURE_HEADER')
     if header is not None:
         if not TOKEN.fullmatch(header) or len(header) > MAX_NAME_CHARS:
@@ -3534,28 +3614,11 @@ def read_settings(argv, environ):
             raise SettingError(
                 'WEBHOOK_SIGNATURE_HEADER=%r is already read as %s signs'
                 % (header, SIGNATURE_SCHEMES[header.lower()]))
-        if secret is None:
+        if settings.webhook_secret is None:
             raise SettingError('WEBHOOK_SIGNATURE_HEADER=%r needs'
                                ' WEBHOOK_SECRET, the secret it is made with'
                                % header)
-    return {'host': host, 'host_name': host_name, 'port': int(port),
-            'port_name': port_name, 'log_format': log_format,
-            'log_file': log_file, 'log_headers': log_headers == 'on',
-            'log_body': int(log_body), 'cors': cors == 'on',
-            'webhook_secret': None if secret is None
-            else secret.encode('utf-8', 'surrogateescape'),
-            'webhook_signature_header': header and header.lower()}
-
-
-def configure(settings):
-    """Set what the settings decide of how requests are logged and
-    answered."""
-    global LOG_HEADERS, LOG_BODY, CORS, WEBHOOK_SECRET, WEBHOOK_SIGNATURE_HEADER
-    LOG_HEADERS, LOG_BODY = settings['log_headers'], settings['log_body']
-    CORS = settings['cors']
-    WEBHOOK_SECRET = settings['webhook_secret']
-    WEBHOOK_SIGNATURE_HEADER = settings['webhook_signature_header']
-    remembered_header_rule.cache_clear()    # it reads WEBHOOK_SIGNATURE_HEADER
+    return settings
 
 
 def keep_standard_fds_open():
@@ -3579,21 +3642,21 @@ def main(argv=None, environ=os.environ):
     try:
         settings = read_settings(argv, environ)
         try:
-            writer = LogWriter(settings['log_file'])
+            writer = LogWriter(settings.log_file)
         except OSError as error:
             raise SettingError('LOG_FILE=%r cannot be opened: %s'
-                               % (settings['log_file'], error))
+                               % (settings.log_file, error))
         try:
-            server = Server((settings['host'], settings['port']))
+            server = Server((settings.host, settings.port))
         except OSError as error:
             raise SettingError('cannot listen on %s=%r %s=%d: %s' % (
-                settings['host_name'], settings['host'],
-                settings['port_name'], settings['port'], error))
+                settings.sources.get('host', 'HOST'), settings.host,
+                settings.sources.get('port', 'PORT'), settings.port, error))
     except SettingError as error:
         report(error)
         return 2
-    configure(settings)
-    formatter = JsonFormatter if settings['log_format'] == 'json' else TextFormatter
+    SETTINGS.update(settings)
+    formatter = JsonFormatter if settings.log_format == 'json' else TextFormatter
     writer.setFormatter(formatter())
     LOGGER.addHandler(writer)
     LOGGER.setLevel(logging.INFO)
@@ -3602,9 +3665,9 @@ def main(argv=None, environ=os.environ):
         signal.signal(signum, lambda signum, frame: server.shutdown())
     signal.signal(signal.SIGHUP, lambda signum, frame: writer.request_reopen())
     server_log().info('listening on %s', server.url())
-    if settings['log_file']:
+    if settings.log_file:
         report('listening on %s, logging to %s' % (server.url(),
-                                                   settings['log_file']))
+                                                   settings.log_file))
     try:
         server.serve_forever()
     finally:

@@ -885,7 +885,7 @@ def test_a_form_body_shows_its_fields_and_never_a_password(trap):
 
 
 def test_log_body_0_shows_no_content(trap, monkeypatch):
-    monkeypatch.setattr(kek, 'LOG_BODY', 0)
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', 0)
     answer, _ = trap.request('POST', body=b'password=hunter2', headers={
         'Content-Type': 'application/x-www-form-urlencoded'})
     record = body_record(trap, answer.getheader('X-Request-Id'))
@@ -894,7 +894,7 @@ def test_log_body_0_shows_no_content(trap, monkeypatch):
 
 
 def test_log_headers_off_drops_the_headers(trap, monkeypatch):
-    monkeypatch.setattr(kek, 'LOG_HEADERS', False)
+    monkeypatch.setattr(kek.SETTINGS, 'log_headers', False)
     answer, _ = trap.request(headers={'X-Request-Id': 'id-1'})
     arrival = trap.chain(answer.getheader('X-Request-Id'))[0][2]
     assert 'headers=' not in arrival and 'Accept-Encoding' not in arrival
@@ -1040,8 +1040,8 @@ LEAKS = [
 ]
 
 
-@pytest.mark.parametrize('settings', [{}, {'LOG_HEADERS': False, 'LOG_BODY': 0},
-                                      {'LOG_BODY': kek.MAX_LOG_BODY}],
+@pytest.mark.parametrize('settings', [{}, {'log_headers': False, 'log_body': 0},
+                                      {'log_body': kek.MAX_LOG_BODY}],
                          ids=['defaults', 'headers and bodies off',
                               'largest previews'])
 @pytest.mark.parametrize('formatter', [kek.TextFormatter, kek.JsonFormatter],
@@ -1049,7 +1049,7 @@ LEAKS = [
 def test_no_secret_reaches_any_byte_of_the_log(tmp_path, monkeypatch, settings,
                                                formatter):
     for name, value in settings.items():
-        monkeypatch.setattr(kek, name, value)
+        monkeypatch.setattr(kek.SETTINGS, name, value)
     server = Trap(tmp_path, formatter())
     keys = []
     try:
@@ -1070,8 +1070,8 @@ def test_no_secret_reaches_any_byte_of_the_log(tmp_path, monkeypatch, settings,
 
 def test_with_headers_and_bodies_off_no_header_value_or_body_byte_is_logged(
         trap, monkeypatch):
-    monkeypatch.setattr(kek, 'LOG_HEADERS', False)
-    monkeypatch.setattr(kek, 'LOG_BODY', 0)
+    monkeypatch.setattr(kek.SETTINGS, 'log_headers', False)
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', 0)
     requests = [
         H + b'X-Note: VALUE1\r\nContent-Length: 6\r\n\r\nVALUE2',
         H + b'X-Note : VALUE3\r\n\r\n',                  # refused, quoted
@@ -1180,7 +1180,7 @@ def test_json_shows_the_values_of_secret_keys_by_their_length(body, shown):
 
 def test_a_json_body_is_redacted_also_when_its_preview_is_cut(trap,
                                                              monkeypatch):
-    monkeypatch.setattr(kek, 'LOG_BODY', 30)
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', 30)
     body = b'{"user": "ann", "password": "hunter2-and-more"}'
     answer, _ = trap.request('POST', body=body, headers={
         'Content-Type': 'application/json'})
@@ -1258,7 +1258,7 @@ def test_a_broken_or_long_multipart_body_is_summed_up_as_far_as_it_goes(
 
 def test_a_long_form_shows_its_first_values_and_how_many_there_were(
         trap, monkeypatch):
-    monkeypatch.setattr(kek, 'LOG_BODY', 4096)
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', 4096)
     body = '&'.join('f%d=%d' % (n, n) for n in range(150)).encode()
     answer, _ = trap.request('POST', body=body, headers={
         'Content-Type': 'application/x-www-form-urlencoded'})
@@ -1321,11 +1321,11 @@ def test_a_continuation_is_shown_by_the_stricter_of_its_two_rules(
 
 
 def test_quoted_bytes_show_no_more_than_log_body(monkeypatch):
-    monkeypatch.setattr(kek, 'LOG_BODY', 4)
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', 4)
     assert kek.quoted(b'just text') == '9 bytes, text: just'
-    monkeypatch.setattr(kek, 'LOG_HEADERS', False)
+    monkeypatch.setattr(kek.SETTINGS, 'log_headers', False)
     assert kek.quoted(b'X-Note: abc') == 'X-Note: <3 bytes>'
-    monkeypatch.setattr(kek, 'LOG_BODY', 0)
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', 0)
     assert kek.quoted(b'user=ann') == '8 bytes, a form'
     assert kek.quoted(b'GET /x?a=1 HTTP/1.1') == 'GET /x?a=1 HTTP/1.1'
 
@@ -1430,7 +1430,7 @@ def test_a_multipart_body_of_more_than_max_parts_is_read_no_further(
 
 
 def test_a_text_field_keeps_no_more_of_its_value_than_it_shows(monkeypatch):
-    monkeypatch.setattr(kek, 'LOG_BODY', 4)
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', 4)
     reader = kek.MultipartReader(b'b')
     for piece in (b'--b\r\nContent-Disposition: form-data; name=n\r\n\r\n',
                   b'abcdef', b'ghij', b'\r\n--b--'):
@@ -2076,7 +2076,7 @@ def test_a_form_is_read_no_further_than_max_params():
         'short headers', 'a JSON body'])
 def test_the_log_of_a_request_is_at_most_twice_its_size_and_a_few_kib(
         tmp_path, monkeypatch, formatter, head):
-    monkeypatch.setattr(kek, 'LOG_BODY', kek.MAX_LOG_BODY)
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', kek.MAX_LOG_BODY)
     server = Trap(tmp_path, formatter())
     try:
         with server.connect() as sock:
@@ -2095,9 +2095,9 @@ def configure():
     """Settings as main() sets them from an environment; the defaults again
     afterwards."""
     def configure(**environ):
-        kek.configure(kek.read_settings([], environ))
+        kek.SETTINGS.update(kek.read_settings([], environ))
     yield configure
-    kek.configure(kek.read_settings([], {}))
+    kek.SETTINGS.update(kek.read_settings([], {}))
 
 
 def messages(server, key, level=None):
@@ -3500,7 +3500,7 @@ def test_a_binary_body_comes_out_in_base64(trap):
 
 def test_a_body_larger_than_log_body_is_hashed_whole_and_previewed_in_part(
         trap, monkeypatch):
-    monkeypatch.setattr(kek, 'LOG_BODY', 10)
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', 10)
     body = b'0123456789abcdef' * 1000
     answer, _ = trap.request('POST', body=body)
     record = body_record(trap, answer.getheader('X-Request-Id'))
@@ -3529,7 +3529,7 @@ def test_a_body_over_the_cap_gets_no_body_record(trap):
 
 
 def test_memory_per_connection_is_bounded_by_the_preview(trap, monkeypatch):
-    monkeypatch.setattr(kek, 'LOG_BODY', 100)
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', 100)
     with trap.connect() as sock:
         sock.sendall(H + b'Content-Length: 1000000\r\n\r\n' + b'x' * 500000)
         conn = trap.connection()
@@ -3583,7 +3583,7 @@ def test_json_records_carry_headers_and_the_body_as_fields(json_trap):
 
 
 def test_json_records_of_a_form_and_a_cut_preview(json_trap, monkeypatch):
-    monkeypatch.setattr(kek, 'LOG_BODY', 5)
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', 5)
     json_trap.request('POST', body=b'a=1&secret=xyz', headers={
         'Content-Type': 'application/x-www-form-urlencoded'})
     body = json.loads(json_trap.lines()[1])
@@ -4014,24 +4014,29 @@ def test_listening_line_with_default_host():
 
 
 def test_defaults_are_the_documented_ones():
-    assert kek.read_settings([], {}) == {
-        'host': '0.0.0.0', 'host_name': 'HOST', 'port': 8000,
-        'port_name': 'PORT', 'log_format': 'text', 'log_file': None,
-        'log_headers': True, 'log_body': 1024, 'cors': True,
-        'webhook_secret': None, 'webhook_signature_header': None}
+    assert vars(kek.read_settings([], {})) == {
+        'host': '0.0.0.0', 'port': 8000, 'log_format': 'text',
+        'log_file': None, 'log_headers': True, 'log_body': 1024, 'cors': True,
+        'webhook_secret': None, 'webhook_signature_header': None,
+        'sources': {}}
 
 
 def test_every_setting_has_its_largest_value():
-    assert kek.read_settings(['--port', '65535'], {
+    assert vars(kek.read_settings(['--port', '65535'], {
         'LOG_BODY': '65536', 'LOG_HEADERS': 'off', 'LOG_FORMAT': 'json',
         'LOG_FILE': 'x.log', 'HOST': '::1', 'CORS': 'off',
         'WEBHOOK_SECRET': 's\udcff', 'WEBHOOK_SIGNATURE_HEADER': 'X-' + 'A' * 254
-    }) == {
-        'host': '::1', 'host_name': 'HOST', 'port': 65535,
-        'port_name': '--port', 'log_format': 'json', 'log_file': 'x.log',
-        'log_headers': False, 'log_body': 65536, 'cors': False,
+    })) == {
+        'host': '::1', 'port': 65535, 'log_format': 'json',
+        'log_file': 'x.log', 'log_headers': False, 'log_body': 65536,
+        'cors': False,
         # the secret's bytes as they were in the environment
-        'webhook_secret': b's\xff', 'webhook_signature_header': 'x-' + 'a' * 254}
+        'webhook_secret': b's\xff', 'webhook_signature_header': 'x-' + 'a' * 254,
+        'sources': {'port': '--port', 'host': 'HOST', 'log_file': 'LOG_FILE',
+                    'log_format': 'LOG_FORMAT', 'log_headers': 'LOG_HEADERS',
+                    'log_body': 'LOG_BODY', 'cors': 'CORS',
+                    'webhook_secret': 'WEBHOOK_SECRET',
+                    'webhook_signature_header': 'WEBHOOK_SIGNATURE_HEADER'}}
 
 
 def test_help_names_every_setting_with_its_default():
@@ -4743,8 +4748,8 @@ BINARY = [(case, build(g), g[4:]) for case, build in [
 # -- Sending a table, and reading the whole log back ---------------------------
 
 SETTINGS = pytest.mark.parametrize(
-    'settings', [{}, {'LOG_HEADERS': False, 'LOG_BODY': 0},
-                 {'LOG_BODY': kek.MAX_LOG_BODY}],
+    'settings', [{}, {'log_headers': False, 'log_body': 0},
+                 {'log_body': kek.MAX_LOG_BODY}],
     ids=['defaults', 'headers and bodies off', 'largest previews'])
 FORMATS = pytest.mark.parametrize(
     'formatter', [kek.TextFormatter, kek.JsonFormatter], ids=['text', 'json'])
@@ -4795,7 +4800,7 @@ def leaked(log, cases):
 
 def run_table(tmp_path, monkeypatch, settings, formatter, cases):
     for name, value in settings.items():
-        monkeypatch.setattr(kek, name, value)
+        monkeypatch.setattr(kek.SETTINGS, name, value)
     server = Trap(tmp_path, formatter())
     try:
         keys = send_all(server, cases)
