@@ -51,11 +51,8 @@ DEFAULT_HOST = '0.0.0.0'
 DEFAULT_PORT = 8000
 MAX_PORT = 65535
 LOG_FORMATS = ('text', 'json')
-LOG_HEADERS_VALUES = ('on', 'off')
-CORS_VALUES = ('on', 'off')
 DEFAULT_LOG_BODY = 1024         # bytes of each body shown on its body record
 MAX_LOG_BODY = 64 * 1024        # so that 1,000 connections fit in 256 MiB
-
 # What a request may be.  MAX_HEAD_BYTES is at most 65536: the stock
 # handle_one_request() answers a longer request line itself, with a 414.
 MAX_HEAD_BYTES = 64 * 1024      # request line and header lines together
@@ -69,7 +66,6 @@ MAX_CHUNK_LINE_BYTES = 4096     # a chunk-size line with its extensions
 MAX_TRAILER_BYTES = 8 * 1024    # all trailer lines of a chunked body together
 MAX_CHUNKS = 4096               # a chunk costs a few microseconds of Python:
                                 # 1 MiB in chunks of 256 bytes, and no tinier
-
 # What the log shows of a request: every client text is cut where its
 # escaped form passes one of these (and twice its own size, plus
 # SHOWN_SLACK), the cut said, so that the log of a request is at most about
@@ -81,7 +77,6 @@ MAX_SHOWN_PARTS = 50            # parts shown of a multipart body
 MAX_NAME_CHARS = 256            # a longer name counts as secret, unread
 SHOWN_SLACK = 16
 QUOTED_BYTES = 4096             # of bytes kek did not parse, kept to show
-
 HEAD_TIMEOUT = 10.0     # seconds from a request's first byte to its blank line
 IDLE_TIMEOUT = 10.0     # seconds without a byte either way: idle, slow body, unread answer
 MIN_BODY_RATE = 500     # bytes a second a body must average after IDLE_TIMEOUT
@@ -91,7 +86,6 @@ SHUTDOWN_GRACE = 3.0    # seconds requests in flight get to finish on SIGTERM
 SWEEP_INTERVAL = 0.25   # seconds between checks of every connection's deadline
 ACCEPT_PAUSE = 0.1      # seconds without accepting when out of file
                         # descriptors and no connection can make room
-
 # What one client may take of the loop and of memory.
 MAX_REQUESTS_A_TURN = 8         # pipelined requests served a round, a connection
 LISTEN_BACKLOG = 1024           # the stock 5 resets bursts of connects
@@ -216,43 +210,11 @@ class Settings:
 SETTINGS = Settings()
 
 
-# -- Keys ----------------------------------------------------------------------
+# -- Text and HTTP grammar -----------------------------------------------------
 
-class Keys:
-    """Hands out request keys: the arrival time, UTC, with microseconds.
-
-    A key that would repeat or go backwards moves on by one microsecond, so
-    keys are unique within one server and always the same width.
-    """
-
-    def __init__(self, clock=time.time_ns):
-        self.clock = clock
-        self.lock = threading.Lock()
-        self.last_us = 0
-        self.second = None
-        self.prefix = ''
-
-    def next(self):
-        with self.lock:
-            us = self.clock() // 1000
-            if us <= self.last_us:
-                us = self.last_us + 1
-            self.last_us = us
-            second, micro = divmod(us, 1000000)
-            if second != self.second:
-                self.second = second
-                self.prefix = time.strftime('%Y-%m-%dT%H:%M:%S',
-                                            time.gmtime(second))
-            return f'{self.prefix}.{micro:06d}Z'
-
-
-KEYS = Keys()
-
-
-# -- Logging -------------------------------------------------------------------
-
-LOGGER = logging.getLogger('kek')
-
+# The small helpers every later section shares: JSON and escaping for the
+# log's lines, the token grammar, percent-decoding and queries, media types,
+# byte counts.
 
 def not_json(value):
     raise TypeError('%r is not JSON' % (value,))
@@ -348,305 +310,748 @@ def json_text(value):
     return escaped_each(text, json_escape)
 
 
-# The attributes of a LogRecord that no kek line shows: the same for every
-# record instead of looked up for each one (the caller, the thread, the
-# process).  A handler of one's own may have a stock Formatter that reads
-# them from the record's __dict__ ('%(lineno)d'): Record.complete() puts
-# them there for it.
-RECORD_CONSTANTS = {
-    'name': LOGGER.name, 'pathname': '(unknown file)', 'filename': '(unknown file)',
-    'module': '(unknown module)', 'lineno': 0, 'funcName': None,
-    'stack_info': None, 'exc_text': None, 'thread': None, 'threadName': None,
-    'process': None, 'processName': None, 'taskName': None, 'msecs': 0.0,
-    'relativeCreated': 0.0}
+TCHAR = r"!#$%&'*+.^_`|~0-9A-Za-z-"   # RFC 9110 token characters
+TOKEN = re.compile(r"[%s]+" % TCHAR, re.ASCII)
+TOKEN_CHARS = ("!#$%&'*+.^_`|~-0123456789abcdefghijklmnopqrstuvwxyz"
+               "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
-LEVEL_NAMES = {level: logging.getLevelName(level)
-               for level in (logging.DEBUG, logging.INFO, logging.WARNING,
-                             logging.ERROR, logging.CRITICAL)}
+def in_bytes(size):
+    return '1 byte' if size == 1 else '%d bytes' % size
 
 
-class Record(logging.LogRecord):
-    """A LogRecord made lean: only what kek's formatters read.  The stock
-    LogRecord's caller, thread and process lookups were the largest single
-    cost of a request."""
-
-    fields = None       # an arrival, body or refusal record's fields
-    text_line = None    # the function that writes them on a text line
-
-    def __init__(self, level, msg, args, exc_info, context, offset_ms, extra):
-        self.__dict__.update(context)       # key, where, request
-        if extra:
-            self.__dict__.update(extra)
-        self.offset_ms = offset_ms
-        self.levelno = level
-        self.levelname = LEVEL_NAMES[level]
-        self.msg = msg
-        self.args = args
-        self.exc_info = exc_info
-
-    def complete(self):
-        """Add what a stock LogRecord has, for a handler of one's own."""
-        self.__dict__.update(RECORD_CONSTANTS)
-        self.created = time.time()
+def byte_count(text):
+    """How many bytes the client sent for text (decoded with surrogateescape)."""
+    return len(text) if text.isascii() else len(
+        text.encode('utf-8', 'surrogateescape'))
 
 
-class RequestLog(logging.LoggerAdapter):
-    """Logs for one request: each record carries the request's key, the place
-    in the call chain that wrote it and the milliseconds since arrival.
-
-    info(), error() and exception() make a lean Record and hand it to the
-    logger's handlers themselves: the stock path through LoggerAdapter.log(),
-    Logger.log() and Logger.handle() (its filters and hierarchy walk; kek's
-    logger does not propagate) was a third of a request."""
-
-    def __init__(self, key, started, where, request=True):
-        # What LoggerAdapter.__init__() sets, without the call.
-        self.logger = LOGGER
-        self.extra = {'key': key, 'started': started, 'where': where,
-                      'request': key if request else None}
-
-    def log(self, level, msg, *args, exc_info=None, extra=None):
-        self.emit(level, msg, args, exc_info, extra)
-
-    def info(self, msg, *args, extra=None):
-        self.emit(logging.INFO, msg, args, None, extra)
-
-    def error(self, msg, *args, exc_info=None, extra=None):
-        self.emit(logging.ERROR, msg, args, exc_info, extra)
-
-    def exception(self, msg, *args, exc_info=True, extra=None):
-        self.emit(logging.ERROR, msg, args, exc_info, extra)
-
-    def emit(self, level, msg, args, exc_info, extra):
-        if not self.logger.isEnabledFor(level):
-            return
-        offset_ms = (time.monotonic() - self.extra['started']) * 1000
-        handlers = self.logger.handlers
-        if (not (args or exc_info or extra) and len(handlers) == 1
-                and type(handlers[0]) is LogWriter and level >= handlers[0].level):
-            # Only a message, as most records are, for kek's own writer
-            # alone: its line, without a LogRecord, which cost as much.
-            writer = handlers[0]
-            writer.add(writer.formatter.message_line(
-                self.extra, offset_ms, LEVEL_NAMES[level], msg))
-            return
-        record = Record(level, msg, args, exc_info and sys.exc_info(),
-                        self.extra, offset_ms, extra)
-        for handler in self.logger.handlers:
-            if level >= handler.level:
-                if not isinstance(handler, LogWriter):
-                    record.complete()
-                handler.handle(record)
-
-    def at(self, where):
-        """The same request's log, written from another place."""
-        log = RequestLog.__new__(RequestLog)
-        log.logger = LOGGER
-        log.extra = dict(self.extra, where=where)
-        return log
-
-    def child(self, name):
-        """The log of a step called from here: WHERE becomes 'here>name'."""
-        log = RequestLog.__new__(RequestLog)
-        log.logger = LOGGER
-        log.extra = dict(self.extra, where=self.extra['where'] + '>' + name)
-        return log
+def media_type(content_type):
+    """'text/plain' of 'Text/Plain; charset=utf-8'."""
+    return content_type.partition(';')[0].strip(' \t').lower()
 
 
-def server_log():
-    """A log for records that belong to no request (start, stop).
-
-    Each record gets a key of its own from KEYS, so its line has the same
-    shape as every other, and no request's key ever matches it.
-    """
-    return RequestLog(KEYS.next(), time.monotonic(), 'main', request=False)
+# Media types whose body is never taken for a form, whatever it looks like.
+def is_json_type(media):
+    return media == 'application/json' or media.endswith('+json')
 
 
-class TextFormatter(logging.Formatter):
-    """KEY +OFFSETms LEVEL WHERE MESSAGE, on one line: the message, with
-    the traceback if any, escaped into it.  A record with fields (arrival,
-    body, refusal) has a function that writes them on a text line, each
-    value escaped in the grammar of its place."""
-
-    def format(self, record):
-        if record.text_line and not record.exc_info:
-            # Fields, each already escaped in the grammar of its place.
-            return self.line(record.__dict__, record.offset_ms,
-                             record.levelname, record.text_line(record))
-        message = (self.with_traceback(record) if record.exc_info
-                   else record.getMessage())
-        return self.message_line(record.__dict__, record.offset_ms,
-                                 record.levelname, message)
-
-    def message_line(self, context, offset_ms, levelname, message):
-        """The line of a record that is a message and nothing else, escaped:
-        format() writes such a record through it, and RequestLog calls it
-        without making a record at all.  context holds key and where."""
-        if not (message.isascii() and message.isprintable()
-                and '\\' not in message):
-            message = escape(message)
-        return self.line(context, offset_ms, levelname, message)
-
-    def line(self, context, offset_ms, levelname, text):
-        return (f'{context["key"]} +{offset_ms:.3f}ms {levelname:<5}'
-                f' {context["where"]} {text}')
-
-    def with_traceback(self, record):
-        """The message and its traceback, as they are: each format escapes."""
-        return record.getMessage() + '\n' + self.formatException(record.exc_info)
+def is_xml_type(media):
+    return media.endswith('/xml') or media.endswith('+xml')
 
 
-class JsonFormatter(TextFormatter):
-    """One JSON object a line: request, offset_ms, level, where, message, and
-    the fields of arrival, body and refusal records (method, url, params,
-    client, headers, sha256, ...).  Client text is escaped once, by JSON;
-    the message of a record with fields is only a brief of them ("GET
-    /api?x=1", "body 32 bytes").
+# Any control character but tab.  Searched for once the CRLF line ends are
+# gone, so it also finds a bare CR or LF.  One character class: no backtracking.
+CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+CONTROL_BUT_CRLF = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+DIGITS = re.compile(r"[0-9]+")
+HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]+")
+PERCENT = re.compile(rb'%([0-9A-Fa-f]{2})')
+LONE_PERCENT = re.compile(rb'%(?![0-9A-Fa-f]{2})')
+PERCENT_TO_QP = bytes.maketrans(b'%', b'=')
 
-    The key, level and WHERE are kek's own ASCII, so the line is put together
-    around them and only the message and the fields go through the encoder.
+
+def unquote(text):
+    """text with '+' as a blank and %XX escapes decoded, as parse_qs()
+    decodes a query's names and values (bytes that are not UTF-8 kept as
+    surrogates), but in C where urllib takes a Python step for every '%'.
+    When every '%' starts an escape, they are quoted-printable's '=XX'
+    (once the '=' already there are written '=3D'), which binascii decodes."""
+    if '+' in text:
+        text = text.replace('+', ' ')
+    if '%' not in text:
+        return text
+    data = text.encode('utf-8', 'surrogateescape')
+    if LONE_PERCENT.search(data) is None:
+        data = binascii.a2b_qp(data.replace(b'=', b'=3D').translate(
+            PERCENT_TO_QP))
+    else:
+        parts = PERCENT.split(data)
+        decoded = bytes.fromhex(b''.join(parts[1::2]).decode('ascii'))
+        parts[1::2] = [decoded[n:n + 1] for n in range(len(decoded))]
+        data = b''.join(parts)
+    return data.decode('utf-8', 'surrogateescape')
+
+
+def parse_query(query, limit=MAX_PARAMS):
+    """The query's parameters, as parse_qs(keep_blank_values=True) gives
+    them: repeated names kept, names and values decoded by unquote(); at
+    most limit of them."""
+    fields = query.split('&', limit)
+    if len(fields) > limit:
+        fields.pop()            # the rest, unread
+    decode = '%' in query or '+' in query
+    params = {}
+    for field in fields:
+        if field:
+            name, _, value = field.partition('=')
+            if decode:
+                name, value = unquote(name), unquote(value)
+            if name in params:
+                params[name].append(value)
+            else:
+                params[name] = [value]
+    return params
+
+
+def target_path(path):
+    """The path of a request target (the part before '?') that does not
+    start with '/': the absolute form that proxies send (http://host/api)
+    names its path after the authority; anything else is its own path."""
+    scheme, sep, rest = path.partition('://')
+    if sep and scheme.lower() in ('http', 'https'):
+        return '/' + rest.partition('/')[2]
+    return path
+
+
+def as_text(data):
+    """Client bytes as text for a message; bytes that are not UTF-8 are kept
+    as surrogates, which escape() shows as \\udcXX."""
+    return bytes(data).decode('utf-8', 'surrogateescape')
+
+
+# -- Keys ----------------------------------------------------------------------
+
+class Keys:
+    """Hands out request keys: the arrival time, UTC, with microseconds.
+
+    A key that would repeat or go backwards moves on by one microsecond, so
+    keys are unique within one server and always the same width.
     """
 
-    def format(self, record):
-        message = (self.with_traceback(record) if record.exc_info
-                   else record.getMessage())
-        return self.message_line(record.__dict__, record.offset_ms,
-                                 record.levelname, message, record.fields)
+    def __init__(self, clock=time.time_ns):
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.last_us = 0
+        self.second = None
+        self.prefix = ''
 
-    def message_line(self, context, offset_ms, levelname, message, fields=None):
-        key = context['key']
-        server = context['request'] is None     # its key is a time
-        line = ('{"request": %s, "offset_ms": %.3f, "level": "%s", "where": "%s",'
-                ' "message": %s' % ('null' if server else '"%s"' % key,
-                                    offset_ms, levelname, context['where'],
-                                    json_text(message)))
-        if server:
-            line += ', "time": "%s"' % key
-        if fields:      # the fields' own object, its '{' dropped, ends it
-            return line + ', ' + json_text(fields)[1:]
-        return line + '}'
+    def next(self):
+        with self.lock:
+            us = self.clock() // 1000
+            if us <= self.last_us:
+                us = self.last_us + 1
+            self.last_us = us
+            second, micro = divmod(us, 1000000)
+            if second != self.second:
+                self.second = second
+                self.prefix = time.strftime('%Y-%m-%dT%H:%M:%S',
+                                            time.gmtime(second))
+            return f'{self.prefix}.{micro:06d}Z'
 
 
-class LogWriter(logging.Handler):
-    """Gathers formatted records; flush() writes them all with one write().
+KEYS = Keys()
 
-    The loop calls flush() once a round, before it sends that round's answers.
-    LOG_FILE is reopened when logrotate has moved it away.  A destination that
-    fails is reported once on standard error and the server goes on answering.
-    """
 
-    def __init__(self, path=None):
-        super().__init__()
-        self.path = path
-        self.lines = []
-        self.size = 0               # characters in lines
-        self.failing = False
-        self.lost = 0
-        self.reopen_requested = False
-        self.fd = 1 if path is None else self.open()
+# -- Reading requests ----------------------------------------------------------
 
-    def open(self):
-        """Open LOG_FILE, and note which file it is (its device and inode)."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        opened = os.fstat(fd)
-        self.opened = (opened.st_dev, opened.st_ino)
-        return fd
+# A request as data (Request), its head read and parsed, its body read
+# through the reader its framing asks for, and other protocols named.  Facts
+# only: what is wrong raises Refused with the reason and the raw evidence,
+# and nothing here decides what the log shows.
 
-    def emit(self, record):
-        self.add(self.formatter.format(record))
+METHOD_START = re.compile(rb"[%s]{0,%d}(?: |\Z)"
+                          % (TCHAR.encode(), MAX_METHOD_CHARS))
+REQUEST_LINE = re.compile(r"([%s]{1,%d}) (\S+) HTTP/1\.([01])"
+                          % (TCHAR, MAX_METHOD_CHARS), re.ASCII)
+# RFC 9112 7.1.1: *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ]).
+# Blanks, ';', '=' and a name or value each start with a character the
+# others cannot, so nothing backtracks.
+CHUNK_EXTENSIONS = re.compile(
+    rb'(?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*(?:[%s]+|"(?:[^"\\]|\\.)*"))?)+'
+    % (TCHAR.encode(), TCHAR.encode()))
+CONTINUE = b'HTTP/1.1 100 Continue\r\n\r\n'
 
-    def add(self, line):
-        """Keep a record's line for flush(), which writes them once they
-        pass LOG_FLUSH_BYTES.  A list's append() needs no lock: a line another
-        thread adds while flush() swaps the list lands in the old one, which
-        is then written, or in the new one."""
-        self.lines.append(line)
-        self.size += len(line)
-        if self.size > LOG_FLUSH_BYTES:
-            self.flush()
 
-    # The stock handle() without its filters and lock, which cost as much as
-    # the formatting.
-    handle = emit
+class Refused(Exception):
+    """A request kek answers with this error and then closes the connection:
+    its head does not parse, its body's framing is broken or too large, it
+    is not HTTP/1.x at all, or it came too slowly.  After it, where the next
+    request would start cannot be known.
 
-    def flush(self):
-        lines = self.lines
-        self.lines = []
+    It carries facts, raw: the reason, with '%s' where the evidence goes,
+    and the evidence as what it is ('bytes', 'header' ...) and the bytes or
+    text themselves.  Only "What the log shows" makes text of the evidence
+    (shown_refusal()); a parser never decides what the log shows."""
+
+    def __init__(self, reason, kind=None, *evidence):
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind            # a key of EVIDENCE, or None
+        self.evidence = evidence
+
+
+class Request:
+    """Everything about one request.  It is made at the request's first byte,
+    filled in as its head and body arrive, handed to query() and the chain,
+    and dropped once its answer is written.  What is not known yet is None:
+    the head's fields stay None until the whole head has parsed."""
+
+    method = None       # 'GET', 'POST', 'FOO' ...
+    target = None       # the request target exactly as sent: '/api?x=1'
+    path = None         # the path the chain checks: '/api'
+    query = None        # the target's part after '?', as sent
+    params = None       # the query's parameters, {name: [value, ...]}
+    version = None      # 'HTTP/1.1' or 'HTTP/1.0'
+    headers = None      # {lower-case name: value}, repeated fields joined
+    header_list = None  # [(name as sent, value), ...], in order
+    keep_alive = False  # another request may follow on the connection
+    declared = None     # the body's length as declared, or 'chunked'
+    reader = None       # the reader of what is still to come: HeadReader,
+                        # then the one the body's framing asks for
+    body = None         # what the log shows of the body: a Body
+    body_started = None  # time.monotonic() when the head was done
+
+    def __init__(self, key, started, client, log):
+        self.key = key
+        self.started = started          # time.monotonic() at the first byte
+        self.client = client            # the peer, 'host:port'
+        self.log = log                  # its RequestLog
+        self.reader = HeadReader()
+
+    def due(self):
+        """When the head, or the body, must have come: the head within
+        HEAD_TIMEOUT of the first byte; the body after IDLE_TIMEOUT, with one
+        more second for every MIN_BODY_RATE bytes that came (as Apache's
+        mod_reqtimeout MinRate)."""
+        if self.body is None:
+            return self.started + HEAD_TIMEOUT
+        return self.body_started + IDLE_TIMEOUT + self.body.size / MIN_BODY_RATE
+
+    def overdue(self, active_at, received):
+        """Why the request is refused when its deadline, or IDLE_TIMEOUT
+        without a byte, has passed (received: bytes of its head so far)."""
+        now = time.monotonic()
+        if self.body is None:
+            return ('request head not complete within %g s (%d bytes'
+                    ' received)' % (HEAD_TIMEOUT, received))
+        if now >= active_at + IDLE_TIMEOUT:
+            return ('request body stalled: no byte for %g s, %s'
+                    % (IDLE_TIMEOUT, self.reader.missing()))
+        return ('request body too slow: %d bytes in %.1f s, under %d bytes a'
+                ' second; %s' % (self.body.size, now - self.body_started,
+                                 MIN_BODY_RATE, self.reader.missing()))
+
+
+def starts_request(inbuf):
+    """Drop the blank lines that may come before a request line (RFC 9112
+    2.2); True if inbuf then starts a request, False if it holds nothing
+    yet, or what may be the start of a PROXY v2 header, which begins like
+    two blank lines."""
+    if inbuf[0] != 13:          # not a CR: the common case
+        return True
+    if PROXY_V2_SIGNATURE.startswith(inbuf[:len(PROXY_V2_SIGNATURE)]):
+        return len(inbuf) >= len(PROXY_V2_SIGNATURE)
+    blank = 0
+    while inbuf.startswith(b'\r\n', blank):
+        blank += 2
+    del inbuf[:blank]
+    return bool(inbuf) and inbuf != b'\r'
+
+
+class HeadReader:
+    """Reads a request head: the request line and header lines up to the
+    blank line.  Only new bytes are searched, so a client trickling its head
+    byte by byte does not make every arrival rescan all of it."""
+
+    def __init__(self):
+        self.scanned = 0        # bytes of inbuf already searched
+
+    def read(self, inbuf):
+        """Take the head from inbuf once it is complete, each line with its
+        CRLF; None until then.  Raises Refused for what cannot be the start
+        of an HTTP/1.x request, or a head over MAX_HEAD_BYTES."""
+        if inbuf[0] in FOREIGN_FIRST_BYTES:
+            foreign = foreign_protocol(inbuf)
+            if foreign:
+                raise foreign
+        new = self.scanned
+        end = inbuf.find(b'\r\n\r\n', max(0, new - 3))
+        self.scanned = len(inbuf)
+        size = len(inbuf) if end < 0 else end + 2
+        if size > MAX_HEAD_BYTES:
+            raise Refused('request head over %d bytes' % MAX_HEAD_BYTES)
+        # Every LF among the new bytes must end a CRLF; else the head could
+        # end, or a field start, where a front end sees none.
+        if (inbuf.count(b'\n', new, size)
+                != inbuf.count(b'\r\n', max(0, new - 1), size)):
+            raise Refused('bare LF (not CRLF) in the request head')
+        if end < 0:
+            if not METHOD_START.match(inbuf):
+                raise Refused('not an HTTP request: %s', 'bytes',
+                              bytes(inbuf[:QUOTED_BYTES]), len(inbuf))
+            return None
+        head = bytes(inbuf[:end + 2])
+        del inbuf[:end + 4]
+        return head
+
+
+def parse_head(request, head):
+    """Parse a complete head (request line and header lines, each ended by
+    CRLF) strictly, as RFC 9112 asks, into request; raises Refused.  Each
+    step is linear in the head's size: no pattern here can backtrack."""
+    # Every LF ends a CRLF (HeadReader made sure), so a CR more is bare.
+    control = CONTROL_BUT_CRLF.search(head)
+    if control:
+        raise Refused('control character 0x%02x in the request head'
+                      % control.group()[0])
+    if head.count(b'\r') != head.count(b'\n'):
+        raise Refused('bare CR (not CRLF) in the request head')
+    lines = head.decode('utf-8', 'surrogateescape').split('\r\n')[:-1]
+    match = REQUEST_LINE.fullmatch(lines[0])
+    if not match:
+        raise Refused("request line is not 'METHOD TARGET HTTP/1.x': %s",
+                      'bytes', lines[0], None)
+    method, target, minor = match.groups()
+    if '#' in target:
+        raise Refused('request target with a # fragment')
+    if len(lines) - 1 > MAX_HEADERS:
+        raise Refused('more than %d header lines' % MAX_HEADERS)
+    headers = {}
+    header_list = []
+    hosts = 0
+    for line in lines[1:]:
+        field = split_field(line)
+        if field is None and line[:1] in (' ', '\t') and header_list:
+            name = header_list[-1][0]       # obs-fold: a part of its value
+            raise Refused("header line is not 'Name: value': a continuation"
+                          " %s", 'continuation', name, line.strip(' \t'))
+        if field is None:
+            raise Refused("header line is not 'Name: value': %s", 'bytes',
+                          line, None)
+        name, value = field
+        header_list.append((name, value))
+        name = name.lower()
+        if name in headers:
+            headers[name] += ', ' + value
+        else:
+            headers[name] = value
+        if name == 'host':
+            hosts += 1
+    if hosts > 1 or (hosts == 0 and minor == '1'):
+        raise Refused('%d Host headers in an HTTP/1.%s request' % (hosts, minor))
+    connection = ()
+    if 'connection' in headers:
+        connection = {token.strip(' \t') for token in
+                      headers['connection'].lower().split(',')}
+    path, _, query = target.partition('?')
+    if query.count('&') >= MAX_PARAMS:
+        raise Refused('a query of more than %d parameters' % MAX_PARAMS)
+    request.method, request.target, request.version = (
+        method, target, 'HTTP/1.' + minor)
+    request.path = path if path.startswith('/') else target_path(path)
+    request.query = query
+    request.params = parse_query(query) if query else {}
+    request.headers, request.header_list = headers, header_list
+    request.keep_alive = ('keep-alive' in connection if minor == '0'
+                          else 'close' not in connection)
+
+
+def split_field(line):
+    """(name, value) of a header or trailer line 'Name: value', the value
+    without the blanks around it; None if the line is not one.  A name is a
+    token: stripping its token characters leaves nothing."""
+    name, colon, value = line.partition(':')
+    if not colon or not name or name.strip(TOKEN_CHARS):
+        return None
+    return name, value.strip(' \t')
+
+
+def control_problem(data):
+    """The error for a control character in data, or None if it has none."""
+    match = CONTROL.search(data)
+    if match is None:
+        return None
+    char = match.group()
+    if char == b'\r':
+        return 'bare CR (not CRLF)'
+    return 'control character 0x%02x' % char[0]
+
+
+def body_reader(request):
+    """The reader for the request's body, or None if it has none.  Raises
+    Refused if the body's end cannot be known for sure, or is too far."""
+    coding = request.headers.get('transfer-encoding')
+    length = request.headers.get('content-length')
+    if coding is not None:
+        if request.version == 'HTTP/1.0':
+            raise Refused('Transfer-Encoding on an HTTP/1.0 request')
+        if length is not None:
+            raise Refused('Transfer-Encoding together with Content-Length')
+        if coding.lower() != 'chunked':
+            raise Refused('Transfer-Encoding %s is not supported, only'
+                          ' chunked', 'header', 'Transfer-Encoding', coding)
+        request.declared = 'chunked'
+        return ChunkedReader()
+    if length is None:
+        return None
+    # Equal repeated values are one length (RFC 9110 8.6); spaces and tabs
+    # around each are allowed, and nothing else.
+    values = {value.strip(' \t') for value in length.split(',')}
+    value = values.pop() if len(values) == 1 else ''
+    if not DIGITS.fullmatch(value):
+        raise Refused('Content-Length %s is not one length', 'header',
+                      'Content-Length', length)
+    if len(value) > MAX_LENGTH_DIGITS:      # before int() reads them all
+        raise Refused('Content-Length of %d digits is over %d'
+                      % (len(value), MAX_LENGTH_DIGITS))
+    size = request.declared = int(value)
+    if size > MAX_BODY_BYTES:
+        raise Refused('body of %d bytes is over %d' % (size, MAX_BODY_BYTES))
+    return LengthReader(size) if size else None
+
+
+class Body:
+    """What the log shows of a request body, fed the decoded bytes as they
+    arrive: size, SHA-256, the first `keep` bytes, the parts of a
+    multipart/form-data body, and the MACs of its signatures.  The body
+    itself is never kept, so a connection's memory is bounded by `keep`."""
+
+    def __init__(self, keep, parts=None, signatures=None):
         self.size = 0
-        if self.path is not None and (lines or self.reopen_requested):
-            self.reopen_if_moved()
-        if not lines:
+        self.sha256 = hashlib.sha256()
+        self.keep = keep
+        self.preview = bytearray()
+        self.parts = parts          # a MultipartReader, or None
+        self.signatures = signatures    # Signatures, or None
+
+    def add(self, data):
+        self.size += len(data)
+        self.sha256.update(data)
+        if len(self.preview) < self.keep:
+            self.preview += data[:self.keep - len(self.preview)]
+        if self.parts is not None:
+            self.parts.add(data)
+        if self.signatures:
+            for signature in self.signatures:
+                signature.add(data)
+
+
+BOUNDARY = re.compile(r';[ \t]*boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))',
+                      re.IGNORECASE)
+MAX_PART_HEAD_BYTES = 8 * 1024
+MAX_PARTS = 1000                # werkzeug's max_form_parts: past it, a body's
+                                # parts are no longer read, and it says so
+# The steps of a multipart body (RFC 2046 5.1.1, RFC 7578).
+PREAMBLE = 'preamble'           # up to the first delimiter
+DELIMITED = 'delimited'         # after a delimiter: CRLF, or '--' at the end
+PART_HEAD = 'part head'         # a part's header lines, up to a blank line
+PART_DATA = 'part data'         # up to the next delimiter
+EPILOGUE = 'epilogue'           # after the last one, or after a broken part
+
+
+def multipart_reader(request):
+    """A MultipartReader for a multipart/form-data body, if any of a body
+    is shown at all; else None.  Without a boundary its parts cannot be
+    told apart, and none of it is shown: its files may be anywhere."""
+    content_type = request.headers.get('content-type', '')
+    if not SETTINGS.log_body or media_type(content_type) != 'multipart/form-data':
+        return None
+    match = BOUNDARY.search(content_type)
+    if match is None:
+        reader = MultipartReader(b'')
+        reader.stop('no boundary in its Content-Type')
+        return reader
+    return MultipartReader((match.group(1) or match.group(2)).encode(
+        'utf-8', 'surrogateescape'))
+
+
+class Part:
+    """One part of a multipart body, as it came: its head (the header lines,
+    raw), its size, and the first QUOTED_BYTES of its contents."""
+
+    def __init__(self, head):
+        self.head = head
+        self.size = 0
+        self.start = bytearray()
+
+
+class MultipartReader:
+    """The parts of a multipart/form-data body, fed its bytes as they arrive
+    (facts only: what the log shows of them is shown_parts()'s).  At most
+    MAX_SHOWN_PARTS parts are kept, each with at most QUOTED_BYTES of its
+    contents, and the bytes between two feeds are at most a delimiter
+    long, so memory is bounded; past MAX_PARTS parts, it stops reading.
+    Each feed is searched by position, never copied part by part."""
+
+    def __init__(self, boundary):
+        self.delimiter = b'\r\n--' + boundary
+        self.buffer = b'\r\n'       # the first delimiter has no CRLF before it
+        self.step = PREAMBLE
+        self.parts = []             # the first MAX_SHOWN_PARTS parts
+        self.count = 0              # parts in all
+        self.part = None            # the part being read, if kept
+        self.broken = None          # why the body is not well formed
+
+    def add(self, data):
+        buffer = self.buffer + data
+        at = 0                      # buffer[:at] is read
+        while at < len(buffer):
+            if self.step is PREAMBLE or self.step is PART_DATA:
+                found = buffer.find(self.delimiter, at)
+                end = found if found >= 0 else max(
+                    at, len(buffer) - len(self.delimiter))
+                if self.step is PART_DATA and self.part is not None:
+                    self.take(buffer, at, end)
+                at = end
+                if found < 0:
+                    break
+                at += len(self.delimiter)
+                self.step = DELIMITED
+            elif self.step is DELIMITED:
+                if len(buffer) - at < 2:
+                    break
+                if buffer.startswith(b'--', at):
+                    self.step = EPILOGUE
+                elif buffer.startswith(b'\r\n', at):
+                    at += 2
+                    self.step = PART_HEAD
+                else:
+                    self.stop('a delimiter not followed by CRLF')
+            elif self.step is PART_HEAD:
+                end = buffer.find(b'\r\n\r\n', at, at + MAX_PART_HEAD_BYTES + 4)
+                if buffer.startswith(b'\r\n', at):
+                    end = at - 2        # an empty head: its blank line alone
+                if end == -1:
+                    if len(buffer) - at > MAX_PART_HEAD_BYTES:
+                        self.stop('a part head over %d bytes'
+                                  % MAX_PART_HEAD_BYTES)
+                    break
+                self.start_part(buffer[at:max(end, at)])
+                at = end + 4
+            else:
+                at = len(buffer)        # the epilogue is not looked at
+        self.buffer = buffer[at:]
+
+    def stop(self, why):
+        self.broken = why
+        self.step = EPILOGUE
+
+    def start_part(self, head):
+        self.count += 1
+        if self.count > MAX_PARTS:
+            self.stop('more than %d parts' % MAX_PARTS)
             return
-        data = ('\n'.join(lines) + '\n').encode('utf-8', 'backslashreplace')
+        self.part = None
+        if len(self.parts) < MAX_SHOWN_PARTS:
+            self.part = Part(as_text(head))
+            self.parts.append(self.part)
+        self.step = PART_DATA
+
+    def take(self, buffer, start, end):
+        part = self.part
+        part.size += end - start
+        keep = min(QUOTED_BYTES, SETTINGS.log_body) - len(part.start)
+        if keep > 0:
+            part.start += buffer[start:min(end, start + keep)]
+
+    def finish(self):
+        """The body has all come: what is left is the last part's."""
+        if self.step is not EPILOGUE:
+            if self.step is PART_DATA and self.part is not None:
+                self.take(self.buffer, 0, len(self.buffer))
+            self.broken = self.broken or 'no closing delimiter'
+            self.step = EPILOGUE
+
+
+class LengthReader:
+    """Reads a body of Content-Length bytes."""
+
+    def __init__(self, length):
+        self.left = length
+
+    def read(self, inbuf, body):
+        """Move the body's bytes from inbuf into body; True once all came."""
+        data = inbuf[:self.left]
+        del inbuf[:len(data)]
+        self.left -= len(data)
+        body.add(data)
+        return not self.left
+
+    def missing(self):
+        return '%d body bytes missing' % self.left
+
+
+# The steps of a chunked body (RFC 9112 7.1).
+CHUNK_SIZE = 'chunk size'       # a chunk-size line, with extensions
+CHUNK_DATA = 'chunk data'
+CHUNK_END = 'chunk end'         # the CRLF after a chunk's data
+TRAILER = 'trailer'             # trailer lines, up to a blank line
+
+
+class ChunkedReader:
+    """Reads a chunked body, decoding it into body as bytes arrive.
+
+    Chunk extensions and trailer fields are checked and dropped.  A line is
+    searched only in its new bytes, and never past its limit, so a client
+    trickling a line that never ends costs linear time and bounded memory.
+    """
+
+    def __init__(self):
+        self.step = CHUNK_SIZE
+        self.left = 0               # bytes of the current chunk's data to come
+        self.size = 0               # bytes of data so far
+        self.chunks = 0
+        self.scanned = 0            # bytes of an unfinished line already searched
+        self.trailer_bytes = 0
+        self.trailer_lines = 0
+
+    def read(self, inbuf, body):
+        """Decode what inbuf holds into body; True once the body is complete.
+        Raises Refused on the first byte that breaks the framing.  The data
+        of all the chunks at hand goes to body at once: its hashes and
+        signatures are updated once a read, not once a chunk."""
+        pieces = []
         try:
-            while data:
-                data = data[os.write(self.fd, data):]
-        except OSError as error:
-            self.lost += len(lines)
-            if not self.failing:
-                self.failing = True
-                report('cannot write the log to %s: %s; dropping records until'
-                       ' it works again' % (self.destination(), error))
-            return
-        if self.failing:
-            report('writing the log to %s works again; %d records were lost'
-                   % (self.destination(), self.lost))
-            self.failing = False
-            self.lost = 0
+            return self.decode(inbuf, pieces)
+        finally:
+            if pieces:
+                body.add(b''.join(pieces))
 
-    def destination(self):
-        return 'standard output' if self.path is None else self.path
+    def decode(self, inbuf, pieces):
+        while inbuf:
+            if self.step is CHUNK_DATA:
+                data = bytes(inbuf[:self.left])
+                del inbuf[:len(data)]
+                self.left -= len(data)
+                self.size += len(data)
+                pieces.append(data)
+                if not self.left:
+                    self.step = CHUNK_END
+            elif self.step is CHUNK_END:
+                if inbuf == b'\r':
+                    return False        # its LF is still on the way
+                if not inbuf.startswith(b'\r\n'):
+                    raise Refused('chunk data not followed by CRLF')
+                del inbuf[:2]
+                self.step = CHUNK_SIZE
+            elif self.step is CHUNK_SIZE:
+                line = self.take_line(inbuf, MAX_CHUNK_LINE_BYTES,
+                                      'chunk size line')
+                if line is None:
+                    return False
+                self.start_chunk(line)
+            else:
+                line = self.take_line(inbuf, MAX_TRAILER_BYTES
+                                      - self.trailer_bytes, 'trailer')
+                if line is None:
+                    return False
+                if not line:
+                    return True
+                self.check_trailer(line)
+        return False
 
-    def request_reopen(self):
-        """SIGHUP: reopen LOG_FILE before the next write, moved or not."""
-        self.reopen_requested = True
+    def take_line(self, inbuf, limit, what):
+        """Take one CRLF-ended line from inbuf, without its CRLF; None if
+        it has not all arrived yet."""
+        end = inbuf.find(b'\n', self.scanned, limit + 2)
+        if end < 0:
+            if len(inbuf) > limit + 1:
+                raise Refused('%s over %d bytes' % (what, limit))
+            self.scanned = len(inbuf)
+            return None
+        self.scanned = 0
+        line = bytes(inbuf[:end + 1])
+        del inbuf[:end + 1]
+        problem = (control_problem(line[:-2]) if line.endswith(b'\r\n')
+                   else 'bare LF (not CRLF)')
+        if problem:
+            raise Refused('%s in a %s' % (problem, what))
+        return line[:-2]
 
-    def reopen_if_moved(self):
-        """Before every write: if LOG_FILE is no longer the file we hold
-        (logrotate renamed or removed it, maybe creating a new one), open
-        the path anew, so that no record lands in a rotated file.  One stat
-        a loop round."""
-        try:
-            current = os.stat(self.path)
-            current = (current.st_dev, current.st_ino)
-        except OSError:
-            current = None
-        if not self.reopen_requested and current == self.opened:
-            return
-        self.reopen_requested = False
-        try:
-            fd = self.open()
-        except OSError:
-            return          # keep writing where we were
-        os.close(self.fd)
-        self.fd = fd
+    def start_chunk(self, line):
+        size, semicolon, extensions = line.partition(b';')
+        if semicolon:
+            size = size.rstrip(b' \t')      # BWS before the ';'
+        if (len(size) > MAX_CHUNK_SIZE_DIGITS
+                or not HEX_DIGITS.fullmatch(size)):
+            raise Refused('chunk size is not 1 to %d hex digits: %%s'
+                          % MAX_CHUNK_SIZE_DIGITS, 'bytes', line, None)
+        if semicolon and not CHUNK_EXTENSIONS.fullmatch(semicolon + extensions):
+            raise Refused("chunk extension is not ';name' or ';name=value':"
+                          ' %s', 'bytes', line, None)
+        self.left = int(size, 16)
+        self.chunks += self.left > 0        # the last chunk is no chunk
+        if self.size + self.left > MAX_BODY_BYTES:
+            raise Refused('chunked body over %d bytes' % MAX_BODY_BYTES)
+        if self.chunks > MAX_CHUNKS:
+            raise Refused('chunked body of more than %d chunks' % MAX_CHUNKS)
+        self.step = CHUNK_DATA if self.left else TRAILER
 
-    def close(self):
-        self.flush()
-        if self.path is not None:
-            os.close(self.fd)
-        super().close()
+    def check_trailer(self, line):
+        self.trailer_bytes += len(line) + 2
+        self.trailer_lines += 1
+        if self.trailer_lines > MAX_HEADERS:
+            raise Refused('more than %d trailer lines' % MAX_HEADERS)
+        if split_field(line.decode('latin-1')) is None:
+            raise Refused("trailer line is not 'Name: value': %s", 'bytes',
+                          line, None)
+
+    def missing(self):
+        return 'chunked body not complete (%s)' % self.step
 
 
-def flush_log():
-    for handler in LOGGER.handlers:
-        handler.flush()
+# What other protocols send first, to name them when they reach kek.
+PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
+HTTP2_PREFACE = b'PRI * HTTP/2.0'
+PROXY_V1 = re.compile(rb'PROXY (?:TCP[46] [0-9A-Fa-f.:]{2,39} [0-9A-Fa-f.:]{2,39}'
+                      rb' [0-9]{1,5} [0-9]{1,5}|UNKNOWN)')
+PROXY_V1_BYTES = 107                # its longest line, with CRLF
+FOREIGN_FIRST_BYTES = b'\x16P\r'      # TLS, the HTTP/2 PRI or PROXY, PROXY v2
 
 
-def report(message):
-    """One line on standard error, even if standard error is gone."""
+def foreign_protocol(data):
+    """The refusal of non-HTTP/1 traffic that data starts with, or None."""
+    if data.startswith(b'\x16\x03'):
+        return Refused('not an HTTP/1.x request: a TLS handshake on a plain'
+                       ' HTTP port, %s', 'server name', tls_server_name(data))
+    if data.startswith(HTTP2_PREFACE):
+        return Refused('not an HTTP/1.x request: the HTTP/2 connection preface'
+                       ' (PRI * HTTP/2.0)')
+    if data.startswith(b'PROXY '):
+        line = re.split(rb'[\r\n]', data[:PROXY_V1_BYTES + 1], maxsplit=1)[0]
+        return Refused('not an HTTP/1.x request: a PROXY protocol v1 header:'
+                       ' %s', 'proxy line', line)
+    if data.startswith(PROXY_V2_SIGNATURE):
+        return Refused('not an HTTP/1.x request: a PROXY protocol v2 header')
+    return None
+
+
+def tls_server_name(data):
+    """The server name (SNI) a TLS ClientHello in data asks for, or None if
+    the bytes at hand do not hold one.  Each step moves forward, so this is
+    linear in the bytes read."""
+    def number(at, size):
+        if at + size > len(data):
+            raise IndexError(at)
+        return int.from_bytes(data[at:at + size], 'big')
     try:
-        os.write(2, ('kek: %s\n' % message).encode('utf-8', 'backslashreplace'))
-    except OSError:
+        if number(5, 1) != 1:                   # not a ClientHello
+            return None
+        at = 5 + 4 + 2 + 32     # record and handshake headers, version, random
+        at += 1 + number(at, 1)                 # session id
+        at += 2 + number(at, 2)                 # cipher suites
+        at += 1 + number(at, 1)                 # compression methods
+        end = at + 2 + number(at, 2)            # the extensions
+        at += 2
+        while at + 4 <= end:
+            kind, size = number(at, 2), number(at + 2, 2)
+            if kind == 0:   # server_name: list length, name type, name length
+                length = number(at + 7, 2)
+                name = bytes(data[at + 9:at + 9 + length])
+                return name if name and len(name) == length else None
+            at += 4 + size
+    except IndexError:
         pass
+    return None
 
 
 # -- What the log shows --------------------------------------------------------
-#
-# The only road from a client's bytes to a record.  Parsing and framing
-# record what arrived, raw; the functions of this section decide what of it
-# a record shows, and every record kind calls them:
+
+# The only road from a client's bytes to a record.  "Reading requests"
+# records what arrived, raw; the functions of this section decide what of it
+# a record shows, and every record kind calls them (a new kind of record
+# calls them too, and nothing else):
 #
 #   shown(text)                   any client text: cut, credentials hidden
 #   shown_name(name)              a header's, parameter's or field's name
@@ -655,6 +1060,8 @@ def report(message):
 #   shown_params(params, text)    a query's or a form's parameters
 #   body_fields(data, media, cut) what a body record shows of a body's start
 #   quoted(data, size)            bytes kek did not parse (refusals, junk)
+#   shown_parts(reader)           the parts of a multipart body
+#   shown_refusal(refusal)        why a request was refused, with its evidence
 #
 # Each applies the same rules: the name rule (secret_name(): a value whose
 # name looks secret shows as its length, '<14 bytes>'), the value rule
@@ -666,11 +1073,6 @@ def report(message):
 # NAME: VALUE, "NAME": "VALUE", <NAME>VALUE</NAME>).  A hidden value is
 # always spelled by hidden(): '<SIZE>' or '<KIND, SIZE>'.
 
-TCHAR = r"!#$%&'*+.^_`|~0-9A-Za-z-"   # RFC 9110 token characters
-TOKEN = re.compile(r"[%s]+" % TCHAR, re.ASCII)
-TOKEN_CHARS = ("!#$%&'*+.^_`|~-0123456789abcdefghijklmnopqrstuvwxyz"
-               "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
 MAX_NESTING = 3                 # a URL in a form in JSON...: past it, the length
 MAX_CACHED_NAME = 64            # names up to this long are remembered, the rest
                                 # judged anew: a cache no client can grow
@@ -680,16 +1082,6 @@ MAX_JWT_CHARS = 8192            # a longer JWT is shown by its length only
 MAX_CLAIM_CHARS = 100           # an iss, aud or kid longer than this: its length
 MAX_JSON_TOKENS = 4096          # of JSON read for secret keys (a Python step
                                 # each): the rest is shown as its length
-
-
-def in_bytes(size):
-    return '1 byte' if size == 1 else '%d bytes' % size
-
-
-def byte_count(text):
-    """How many bytes the client sent for text (decoded with surrogateescape)."""
-    return len(text) if text.isascii() else len(
-        text.encode('utf-8', 'surrogateescape'))
 
 
 def hidden(text, kind=None, cut=False):
@@ -768,7 +1160,6 @@ def judged_secret(name):
 
 # Names up to MAX_CACHED_NAME characters, 4096 of them: under 1 MiB.
 remembered_secret = functools.lru_cache(maxsize=4096)(judged_secret)
-
 # Text in which no name can be secret: none of these is in it, lower-cased.
 SECRET_HINTS = tuple(sorted(SECRET_WORDS - {'pw'})) + (
     'pw', 'pass', 'sessid', 'privatekey', 'accesskey', 'authkey', 'verifier',
@@ -776,8 +1167,6 @@ SECRET_HINTS = tuple(sorted(SECRET_WORDS - {'pw'})) + (
     'uthori', 'assw', 'ecret', 'oken', 'ession')
 SECRET_HINT = re.compile('|'.join(sorted(map(re.escape, SECRET_HINTS),
                                          key=len, reverse=True)), re.IGNORECASE)
-
-
 SECRET_HINT_LOWER = re.compile(SECRET_HINT.pattern)
 LONG_TEXT = 256     # from here, a C search for each hint beats one pattern
 
@@ -1209,8 +1598,6 @@ def judged_header_rule(name, own):
 # Names up to MAX_CACHED_NAME characters, 4096 of them: under 1 MiB.  The
 # key holds WEBHOOK_SIGNATURE_HEADER too, so a new setting needs no clearing.
 remembered_header_rule = functools.lru_cache(maxsize=4096)(judged_header_rule)
-
-
 # What a header's value holds if it nests a URL, a form or JSON.
 NESTS = re.compile(r'[=@{\[/<]')
 
@@ -1387,20 +1774,6 @@ def shown_params(params, text):
         if not room:
             break
     return shown_ones, count
-
-
-def media_type(content_type):
-    """'text/plain' of 'Text/Plain; charset=utf-8'."""
-    return content_type.partition(';')[0].strip(' \t').lower()
-
-
-# Media types whose body is never taken for a form, whatever it looks like.
-def is_json_type(media):
-    return media == 'application/json' or media.endswith('+json')
-
-
-def is_xml_type(media):
-    return media.endswith('/xml') or media.endswith('+xml')
 
 
 # name=value&name=value..., the last perhaps cut short.  Each part is kept
@@ -1764,683 +2137,440 @@ def viewed(text, size, keep):
     return kind, shown(text)
 
 
-# -- Parsing and framing -------------------------------------------------------
+# -- Records -------------------------------------------------------------------
 
-METHOD_START = re.compile(rb"[%s]{0,%d}(?: |\Z)"
-                          % (TCHAR.encode(), MAX_METHOD_CHARS))
-REQUEST_LINE = re.compile(r"([%s]{1,%d}) (\S+) HTTP/1\.([01])"
-                          % (TCHAR, MAX_METHOD_CHARS), re.ASCII)
-# Any control character but tab.  Searched for once the CRLF line ends are
-# gone, so it also finds a bare CR or LF.  One character class: no backtracking.
-CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-CONTROL_BUT_CRLF = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-DIGITS = re.compile(r"[0-9]+")
-HEX_DIGITS = re.compile(rb"[0-9A-Fa-f]+")
-# RFC 9112 7.1.1: *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ]).
-# Blanks, ';', '=' and a name or value each start with a character the
-# others cannot, so nothing backtracks.
-CHUNK_EXTENSIONS = re.compile(
-    rb'(?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*(?:[%s]+|"(?:[^"\\]|\\.)*"))?)+'
-    % (TCHAR.encode(), TCHAR.encode()))
-CONTINUE = b'HTTP/1.1 100 Continue\r\n\r\n'
+# A record is a message, or, for the kinds of TEXT_LINES, a message and
+# fields; everything in it has been through "What the log shows".  Records
+# are made lean (Record, RequestLog), built in one place a kind (log_*()),
+# formatted as text or JSON lines and written once a loop round (LogWriter).
 
-
-class Refused(Exception):
-    """A request kek answers with this error and then closes the connection:
-    its head does not parse, its body's framing is broken or too large, it
-    is not HTTP/1.x at all, or it came too slowly.  After it, where the next
-    request would start cannot be known.
-
-    It carries facts, raw: the reason, with '%s' where the evidence goes,
-    and the evidence as what it is ('bytes', 'header' ...) and the bytes or
-    text themselves.  Only "What the log shows" makes text of the evidence
-    (shown_refusal()); a parser never decides what the log shows."""
-
-    def __init__(self, reason, kind=None, *evidence):
-        super().__init__(reason)
-        self.reason = reason
-        self.kind = kind            # a key of EVIDENCE, or None
-        self.evidence = evidence
+LOGGER = logging.getLogger('kek')
+# The attributes of a LogRecord that no kek line shows: the same for every
+# record instead of looked up for each one (the caller, the thread, the
+# process).  A handler of one's own may have a stock Formatter that reads
+# them from the record's __dict__ ('%(lineno)d'): Record.complete() puts
+# them there for it.
+RECORD_CONSTANTS = {
+    'name': LOGGER.name, 'pathname': '(unknown file)', 'filename': '(unknown file)',
+    'module': '(unknown module)', 'lineno': 0, 'funcName': None,
+    'stack_info': None, 'exc_text': None, 'thread': None, 'threadName': None,
+    'process': None, 'processName': None, 'taskName': None, 'msecs': 0.0,
+    'relativeCreated': 0.0}
+LEVEL_NAMES = {level: logging.getLevelName(level)
+               for level in (logging.DEBUG, logging.INFO, logging.WARNING,
+                             logging.ERROR, logging.CRITICAL)}
 
 
-class Request:
-    """Everything about one request.  It is made at the request's first byte,
-    filled in as its head and body arrive, handed to query() and the chain,
-    and dropped once its answer is written.  What is not known yet is None:
-    the head's fields stay None until the whole head has parsed."""
+class Record(logging.LogRecord):
+    """A LogRecord made lean: only what kek's formatters read.  The stock
+    LogRecord's caller, thread and process lookups were the largest single
+    cost of a request."""
 
-    method = None       # 'GET', 'POST', 'FOO' ...
-    target = None       # the request target exactly as sent: '/api?x=1'
-    path = None         # the path the chain checks: '/api'
-    query = None        # the target's part after '?', as sent
-    params = None       # the query's parameters, {name: [value, ...]}
-    version = None      # 'HTTP/1.1' or 'HTTP/1.0'
-    headers = None      # {lower-case name: value}, repeated fields joined
-    header_list = None  # [(name as sent, value), ...], in order
-    keep_alive = False  # another request may follow on the connection
-    declared = None     # the body's length as declared, or 'chunked'
-    reader = None       # the reader of what is still to come: HeadReader,
-                        # then the one the body's framing asks for
-    body = None         # what the log shows of the body: a Body
-    body_started = None  # time.monotonic() when the head was done
+    fields = None       # an arrival, body or refusal record's fields
+    kind = None         # its row of TEXT_LINES: 'arrival', 'body', 'refusal'
 
-    def __init__(self, key, started, client):
-        self.key = key
-        self.started = started          # time.monotonic() at the first byte
-        self.client = client            # the peer, 'host:port'
-        self.log = RequestLog(key, started, 'query')
-        self.reader = HeadReader()
+    def __init__(self, level, msg, args, exc_info, context, offset_ms, extra):
+        self.__dict__.update(context)       # key, where, request
+        if extra:
+            self.__dict__.update(extra)
+        self.offset_ms = offset_ms
+        self.levelno = level
+        self.levelname = LEVEL_NAMES[level]
+        self.msg = msg
+        self.args = args
+        self.exc_info = exc_info
 
-    def due(self):
-        """When the head, or the body, must have come: the head within
-        HEAD_TIMEOUT of the first byte; the body after IDLE_TIMEOUT, with one
-        more second for every MIN_BODY_RATE bytes that came (as Apache's
-        mod_reqtimeout MinRate)."""
-        if self.body is None:
-            return self.started + HEAD_TIMEOUT
-        return self.body_started + IDLE_TIMEOUT + self.body.size / MIN_BODY_RATE
-
-    def overdue(self, active_at, received):
-        """Why the request is refused when its deadline, or IDLE_TIMEOUT
-        without a byte, has passed (received: bytes of its head so far)."""
-        now = time.monotonic()
-        if self.body is None:
-            return ('request head not complete within %g s (%d bytes'
-                    ' received)' % (HEAD_TIMEOUT, received))
-        if now >= active_at + IDLE_TIMEOUT:
-            return ('request body stalled: no byte for %g s, %s'
-                    % (IDLE_TIMEOUT, self.reader.missing()))
-        return ('request body too slow: %d bytes in %.1f s, under %d bytes a'
-                ' second; %s' % (self.body.size, now - self.body_started,
-                                 MIN_BODY_RATE, self.reader.missing()))
+    def complete(self):
+        """Add what a stock LogRecord has, for a handler of one's own."""
+        self.__dict__.update(RECORD_CONSTANTS)
+        self.created = time.time()
 
 
-def starts_request(inbuf):
-    """Drop the blank lines that may come before a request line (RFC 9112
-    2.2); True if inbuf then starts a request, False if it holds nothing
-    yet, or what may be the start of a PROXY v2 header, which begins like
-    two blank lines."""
-    if inbuf[0] != 13:          # not a CR: the common case
-        return True
-    if PROXY_V2_SIGNATURE.startswith(inbuf[:len(PROXY_V2_SIGNATURE)]):
-        return len(inbuf) >= len(PROXY_V2_SIGNATURE)
-    blank = 0
-    while inbuf.startswith(b'\r\n', blank):
-        blank += 2
-    del inbuf[:blank]
-    return bool(inbuf) and inbuf != b'\r'
+class RequestLog(logging.LoggerAdapter):
+    """Logs for one request: each record carries the request's key, the place
+    in the call chain that wrote it and the milliseconds since arrival.
 
+    info(), error() and exception() make a lean Record and hand it to the
+    logger's handlers themselves: the stock path through LoggerAdapter.log(),
+    Logger.log() and Logger.handle() (its filters and hierarchy walk; kek's
+    logger does not propagate) was a third of a request."""
 
-class HeadReader:
-    """Reads a request head: the request line and header lines up to the
-    blank line.  Only new bytes are searched, so a client trickling its head
-    byte by byte does not make every arrival rescan all of it."""
+    def __init__(self, key, started, where, request=True):
+        # What LoggerAdapter.__init__() sets, without the call.
+        self.logger = LOGGER
+        self.extra = {'key': key, 'started': started, 'where': where,
+                      'request': key if request else None}
 
-    def __init__(self):
-        self.scanned = 0        # bytes of inbuf already searched
+    def log(self, level, msg, *args, exc_info=None, extra=None):
+        self.emit(level, msg, args, exc_info, extra)
 
-    def read(self, inbuf):
-        """Take the head from inbuf once it is complete, each line with its
-        CRLF; None until then.  Raises Refused for what cannot be the start
-        of an HTTP/1.x request, or a head over MAX_HEAD_BYTES."""
-        if inbuf[0] in FOREIGN_FIRST_BYTES:
-            foreign = foreign_protocol(inbuf)
-            if foreign:
-                raise foreign
-        new = self.scanned
-        end = inbuf.find(b'\r\n\r\n', max(0, new - 3))
-        self.scanned = len(inbuf)
-        size = len(inbuf) if end < 0 else end + 2
-        if size > MAX_HEAD_BYTES:
-            raise Refused('request head over %d bytes' % MAX_HEAD_BYTES)
-        # Every LF among the new bytes must end a CRLF; else the head could
-        # end, or a field start, where a front end sees none.
-        if (inbuf.count(b'\n', new, size)
-                != inbuf.count(b'\r\n', max(0, new - 1), size)):
-            raise Refused('bare LF (not CRLF) in the request head')
-        if end < 0:
-            if not METHOD_START.match(inbuf):
-                raise Refused('not an HTTP request: %s', 'bytes',
-                              bytes(inbuf[:QUOTED_BYTES]), len(inbuf))
-            return None
-        head = bytes(inbuf[:end + 2])
-        del inbuf[:end + 4]
-        return head
+    def info(self, msg, *args, extra=None):
+        self.emit(logging.INFO, msg, args, None, extra)
 
+    def error(self, msg, *args, exc_info=None, extra=None):
+        self.emit(logging.ERROR, msg, args, exc_info, extra)
 
-def parse_head(request, head):
-    """Parse a complete head (request line and header lines, each ended by
-    CRLF) strictly, as RFC 9112 asks, into request; raises Refused.  Each
-    step is linear in the head's size: no pattern here can backtrack."""
-    # Every LF ends a CRLF (HeadReader made sure), so a CR more is bare.
-    control = CONTROL_BUT_CRLF.search(head)
-    if control:
-        raise Refused('control character 0x%02x in the request head'
-                      % control.group()[0])
-    if head.count(b'\r') != head.count(b'\n'):
-        raise Refused('bare CR (not CRLF) in the request head')
-    lines = head.decode('utf-8', 'surrogateescape').split('\r\n')[:-1]
-    match = REQUEST_LINE.fullmatch(lines[0])
-    if not match:
-        raise Refused("request line is not 'METHOD TARGET HTTP/1.x': %s",
-                      'bytes', lines[0], None)
-    method, target, minor = match.groups()
-    if '#' in target:
-        raise Refused('request target with a # fragment')
-    if len(lines) - 1 > MAX_HEADERS:
-        raise Refused('more than %d header lines' % MAX_HEADERS)
-    headers = {}
-    header_list = []
-    hosts = 0
-    for line in lines[1:]:
-        field = split_field(line)
-        if field is None and line[:1] in (' ', '\t') and header_list:
-            name = header_list[-1][0]       # obs-fold: a part of its value
-            raise Refused("header line is not 'Name: value': a continuation"
-                          " %s", 'continuation', name, line.strip(' \t'))
-        if field is None:
-            raise Refused("header line is not 'Name: value': %s", 'bytes',
-                          line, None)
-        name, value = field
-        header_list.append((name, value))
-        name = name.lower()
-        if name in headers:
-            headers[name] += ', ' + value
-        else:
-            headers[name] = value
-        if name == 'host':
-            hosts += 1
-    if hosts > 1 or (hosts == 0 and minor == '1'):
-        raise Refused('%d Host headers in an HTTP/1.%s request' % (hosts, minor))
-    connection = ()
-    if 'connection' in headers:
-        connection = {token.strip(' \t') for token in
-                      headers['connection'].lower().split(',')}
-    path, _, query = target.partition('?')
-    if query.count('&') >= MAX_PARAMS:
-        raise Refused('a query of more than %d parameters' % MAX_PARAMS)
-    request.method, request.target, request.version = (
-        method, target, 'HTTP/1.' + minor)
-    request.path = path if path.startswith('/') else target_path(path)
-    request.query = query
-    request.params = parse_query(query) if query else {}
-    request.headers, request.header_list = headers, header_list
-    request.keep_alive = ('keep-alive' in connection if minor == '0'
-                          else 'close' not in connection)
+    def exception(self, msg, *args, exc_info=True, extra=None):
+        self.emit(logging.ERROR, msg, args, exc_info, extra)
 
-
-def split_field(line):
-    """(name, value) of a header or trailer line 'Name: value', the value
-    without the blanks around it; None if the line is not one.  A name is a
-    token: stripping its token characters leaves nothing."""
-    name, colon, value = line.partition(':')
-    if not colon or not name or name.strip(TOKEN_CHARS):
-        return None
-    return name, value.strip(' \t')
-
-
-def control_problem(data):
-    """The error for a control character in data, or None if it has none."""
-    match = CONTROL.search(data)
-    if match is None:
-        return None
-    char = match.group()
-    if char == b'\r':
-        return 'bare CR (not CRLF)'
-    return 'control character 0x%02x' % char[0]
-
-
-PERCENT = re.compile(rb'%([0-9A-Fa-f]{2})')
-LONE_PERCENT = re.compile(rb'%(?![0-9A-Fa-f]{2})')
-PERCENT_TO_QP = bytes.maketrans(b'%', b'=')
-
-
-def unquote(text):
-    """text with '+' as a blank and %XX escapes decoded, as parse_qs()
-    decodes a query's names and values (bytes that are not UTF-8 kept as
-    surrogates), but in C where urllib takes a Python step for every '%'.
-    When every '%' starts an escape, they are quoted-printable's '=XX'
-    (once the '=' already there are written '=3D'), which binascii decodes."""
-    if '+' in text:
-        text = text.replace('+', ' ')
-    if '%' not in text:
-        return text
-    data = text.encode('utf-8', 'surrogateescape')
-    if LONE_PERCENT.search(data) is None:
-        data = binascii.a2b_qp(data.replace(b'=', b'=3D').translate(
-            PERCENT_TO_QP))
-    else:
-        parts = PERCENT.split(data)
-        decoded = bytes.fromhex(b''.join(parts[1::2]).decode('ascii'))
-        parts[1::2] = [decoded[n:n + 1] for n in range(len(decoded))]
-        data = b''.join(parts)
-    return data.decode('utf-8', 'surrogateescape')
-
-
-def parse_query(query, limit=MAX_PARAMS):
-    """The query's parameters, as parse_qs(keep_blank_values=True) gives
-    them: repeated names kept, names and values decoded by unquote(); at
-    most limit of them."""
-    fields = query.split('&', limit)
-    if len(fields) > limit:
-        fields.pop()            # the rest, unread
-    decode = '%' in query or '+' in query
-    params = {}
-    for field in fields:
-        if field:
-            name, _, value = field.partition('=')
-            if decode:
-                name, value = unquote(name), unquote(value)
-            if name in params:
-                params[name].append(value)
-            else:
-                params[name] = [value]
-    return params
-
-
-def target_path(path):
-    """The path of a request target (the part before '?') that does not
-    start with '/': the absolute form that proxies send (http://host/api)
-    names its path after the authority; anything else is its own path."""
-    scheme, sep, rest = path.partition('://')
-    if sep and scheme.lower() in ('http', 'https'):
-        return '/' + rest.partition('/')[2]
-    return path
-
-
-def body_reader(request):
-    """The reader for the request's body, or None if it has none.  Raises
-    Refused if the body's end cannot be known for sure, or is too far."""
-    coding = request.headers.get('transfer-encoding')
-    length = request.headers.get('content-length')
-    if coding is not None:
-        if request.version == 'HTTP/1.0':
-            raise Refused('Transfer-Encoding on an HTTP/1.0 request')
-        if length is not None:
-            raise Refused('Transfer-Encoding together with Content-Length')
-        if coding.lower() != 'chunked':
-            raise Refused('Transfer-Encoding %s is not supported, only'
-                          ' chunked', 'header', 'Transfer-Encoding', coding)
-        request.declared = 'chunked'
-        return ChunkedReader()
-    if length is None:
-        return None
-    # Equal repeated values are one length (RFC 9110 8.6); spaces and tabs
-    # around each are allowed, and nothing else.
-    values = {value.strip(' \t') for value in length.split(',')}
-    value = values.pop() if len(values) == 1 else ''
-    if not DIGITS.fullmatch(value):
-        raise Refused('Content-Length %s is not one length', 'header',
-                      'Content-Length', length)
-    if len(value) > MAX_LENGTH_DIGITS:      # before int() reads them all
-        raise Refused('Content-Length of %d digits is over %d'
-                      % (len(value), MAX_LENGTH_DIGITS))
-    size = request.declared = int(value)
-    if size > MAX_BODY_BYTES:
-        raise Refused('body of %d bytes is over %d' % (size, MAX_BODY_BYTES))
-    return LengthReader(size) if size else None
-
-
-def body_of(request):
-    """The Body that is fed the request's body: LOG_BODY bytes of it, the
-    parts if it is multipart/form-data, the signatures it carries."""
-    return Body(SETTINGS.log_body, multipart_reader(request),
-                signatures_of(request))
-
-
-class Body:
-    """What the log shows of a request body, fed the decoded bytes as they
-    arrive: size, SHA-256, the first `keep` bytes, the parts of a
-    multipart/form-data body, and the MACs of its signatures.  The body
-    itself is never kept, so a connection's memory is bounded by `keep`."""
-
-    def __init__(self, keep, parts=None, signatures=None):
-        self.size = 0
-        self.sha256 = hashlib.sha256()
-        self.keep = keep
-        self.preview = bytearray()
-        self.parts = parts          # a MultipartReader, or None
-        self.signatures = signatures    # Signatures, or None
-
-    def add(self, data):
-        self.size += len(data)
-        self.sha256.update(data)
-        if len(self.preview) < self.keep:
-            self.preview += data[:self.keep - len(self.preview)]
-        if self.parts is not None:
-            self.parts.add(data)
-        if self.signatures:
-            for signature in self.signatures:
-                signature.add(data)
-
-
-BOUNDARY = re.compile(r';[ \t]*boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))',
-                      re.IGNORECASE)
-MAX_PART_HEAD_BYTES = 8 * 1024
-MAX_PARTS = 1000                # werkzeug's max_form_parts: past it, a body's
-                                # parts are no longer read, and it says so
-
-# The steps of a multipart body (RFC 2046 5.1.1, RFC 7578).
-PREAMBLE = 'preamble'           # up to the first delimiter
-DELIMITED = 'delimited'         # after a delimiter: CRLF, or '--' at the end
-PART_HEAD = 'part head'         # a part's header lines, up to a blank line
-PART_DATA = 'part data'         # up to the next delimiter
-EPILOGUE = 'epilogue'           # after the last one, or after a broken part
-
-
-def multipart_reader(request):
-    """A MultipartReader for a multipart/form-data body, if any of a body
-    is shown at all; else None.  Without a boundary its parts cannot be
-    told apart, and none of it is shown: its files may be anywhere."""
-    content_type = request.headers.get('content-type', '')
-    if not SETTINGS.log_body or media_type(content_type) != 'multipart/form-data':
-        return None
-    match = BOUNDARY.search(content_type)
-    if match is None:
-        reader = MultipartReader(b'')
-        reader.stop('no boundary in its Content-Type')
-        return reader
-    return MultipartReader((match.group(1) or match.group(2)).encode(
-        'utf-8', 'surrogateescape'))
-
-
-class Part:
-    """One part of a multipart body, as it came: its head (the header lines,
-    raw), its size, and the first QUOTED_BYTES of its contents."""
-
-    def __init__(self, head):
-        self.head = head
-        self.size = 0
-        self.start = bytearray()
-
-
-class MultipartReader:
-    """The parts of a multipart/form-data body, fed its bytes as they arrive
-    (facts only: what the log shows of them is shown_parts()'s).  At most
-    MAX_SHOWN_PARTS parts are kept, each with at most QUOTED_BYTES of its
-    contents, and the bytes between two feeds are at most a delimiter
-    long, so memory is bounded; past MAX_PARTS parts, it stops reading.
-    Each feed is searched by position, never copied part by part."""
-
-    def __init__(self, boundary):
-        self.delimiter = b'\r\n--' + boundary
-        self.buffer = b'\r\n'       # the first delimiter has no CRLF before it
-        self.step = PREAMBLE
-        self.parts = []             # the first MAX_SHOWN_PARTS parts
-        self.count = 0              # parts in all
-        self.part = None            # the part being read, if kept
-        self.broken = None          # why the body is not well formed
-
-    def add(self, data):
-        buffer = self.buffer + data
-        at = 0                      # buffer[:at] is read
-        while at < len(buffer):
-            if self.step is PREAMBLE or self.step is PART_DATA:
-                found = buffer.find(self.delimiter, at)
-                end = found if found >= 0 else max(
-                    at, len(buffer) - len(self.delimiter))
-                if self.step is PART_DATA and self.part is not None:
-                    self.take(buffer, at, end)
-                at = end
-                if found < 0:
-                    break
-                at += len(self.delimiter)
-                self.step = DELIMITED
-            elif self.step is DELIMITED:
-                if len(buffer) - at < 2:
-                    break
-                if buffer.startswith(b'--', at):
-                    self.step = EPILOGUE
-                elif buffer.startswith(b'\r\n', at):
-                    at += 2
-                    self.step = PART_HEAD
-                else:
-                    self.stop('a delimiter not followed by CRLF')
-            elif self.step is PART_HEAD:
-                end = buffer.find(b'\r\n\r\n', at, at + MAX_PART_HEAD_BYTES + 4)
-                if buffer.startswith(b'\r\n', at):
-                    end = at - 2        # an empty head: its blank line alone
-                if end == -1:
-                    if len(buffer) - at > MAX_PART_HEAD_BYTES:
-                        self.stop('a part head over %d bytes'
-                                  % MAX_PART_HEAD_BYTES)
-                    break
-                self.start_part(buffer[at:max(end, at)])
-                at = end + 4
-            else:
-                at = len(buffer)        # the epilogue is not looked at
-        self.buffer = buffer[at:]
-
-    def stop(self, why):
-        self.broken = why
-        self.step = EPILOGUE
-
-    def start_part(self, head):
-        self.count += 1
-        if self.count > MAX_PARTS:
-            self.stop('more than %d parts' % MAX_PARTS)
+    def emit(self, level, msg, args, exc_info, extra):
+        if not self.logger.isEnabledFor(level):
             return
-        self.part = None
-        if len(self.parts) < MAX_SHOWN_PARTS:
-            self.part = Part(as_text(head))
-            self.parts.append(self.part)
-        self.step = PART_DATA
+        offset_ms = (time.monotonic() - self.extra['started']) * 1000
+        handlers = self.logger.handlers
+        if (not (args or exc_info or extra) and len(handlers) == 1
+                and type(handlers[0]) is LogWriter and level >= handlers[0].level):
+            # Only a message, as most records are, for kek's own writer
+            # alone: its line, without a LogRecord, which cost as much.
+            writer = handlers[0]
+            writer.add(writer.formatter.message_line(
+                self.extra, offset_ms, LEVEL_NAMES[level], msg))
+            return
+        record = Record(level, msg, args, exc_info and sys.exc_info(),
+                        self.extra, offset_ms, extra)
+        for handler in self.logger.handlers:
+            if level >= handler.level:
+                if not isinstance(handler, LogWriter):
+                    record.complete()
+                handler.handle(record)
 
-    def take(self, buffer, start, end):
-        part = self.part
-        part.size += end - start
-        keep = min(QUOTED_BYTES, SETTINGS.log_body) - len(part.start)
-        if keep > 0:
-            part.start += buffer[start:min(end, start + keep)]
+    def record(self, kind, message, fields, level=logging.INFO):
+        """A record of a kind TEXT_LINES knows, with its fields."""
+        self.emit(level, message, (), None, {'kind': kind, 'fields': fields})
 
-    def finish(self):
-        """The body has all come: what is left is the last part's."""
-        if self.step is not EPILOGUE:
-            if self.step is PART_DATA and self.part is not None:
-                self.take(self.buffer, 0, len(self.buffer))
-            self.broken = self.broken or 'no closing delimiter'
-            self.step = EPILOGUE
+    def at(self, where):
+        """The same request's log, written from another place."""
+        log = RequestLog.__new__(RequestLog)
+        log.logger = LOGGER
+        log.extra = dict(self.extra, where=where)
+        return log
 
-
-class LengthReader:
-    """Reads a body of Content-Length bytes."""
-
-    def __init__(self, length):
-        self.left = length
-
-    def read(self, inbuf, body):
-        """Move the body's bytes from inbuf into body; True once all came."""
-        data = inbuf[:self.left]
-        del inbuf[:len(data)]
-        self.left -= len(data)
-        body.add(data)
-        return not self.left
-
-    def missing(self):
-        return '%d body bytes missing' % self.left
+    def child(self, name):
+        """The log of a step called from here: WHERE becomes 'here>name'."""
+        log = RequestLog.__new__(RequestLog)
+        log.logger = LOGGER
+        log.extra = dict(self.extra, where=self.extra['where'] + '>' + name)
+        return log
 
 
-# The steps of a chunked body (RFC 9112 7.1).
-CHUNK_SIZE = 'chunk size'       # a chunk-size line, with extensions
-CHUNK_DATA = 'chunk data'
-CHUNK_END = 'chunk end'         # the CRLF after a chunk's data
-TRAILER = 'trailer'             # trailer lines, up to a blank line
+def server_log():
+    """A log for records that belong to no request (start, stop).
+
+    Each record gets a key of its own from KEYS, so its line has the same
+    shape as every other, and no request's key ever matches it.
+    """
+    return RequestLog(KEYS.next(), time.monotonic(), 'main', request=False)
 
 
-class ChunkedReader:
-    """Reads a chunked body, decoding it into body as bytes arrive.
+def log_arrival(request):
+    """The first record of a request: what arrived, as fields, with what is
+    never logged left out.  Each format writes them in its own grammar, so
+    each value is escaped once: JSON as they are, a text line through
+    arrival_text()."""
+    params, count = shown_params(request.params, request.query)
+    # The URL's query needs looking at only if a parameter was not shown
+    # as it is: a secret-looking one, or one cut.
+    url = shown_url(request.target)
+    fields = {'method': request.method, 'url': url, 'client': request.client}
+    if request.declared == 'chunked':
+        fields['transfer_encoding'] = 'chunked'
+    elif request.declared:
+        fields['body_bytes'] = request.declared
+    fields['params'] = params
+    if count > MAX_SHOWN_PARAMS:
+        fields['params_values'] = count
+    headers = request.headers
+    if 'x-request-id' in headers:
+        fields['x_request_id'] = shown(headers['x-request-id'])
+    if 'traceparent' in headers:
+        fields['traceparent'] = shown(headers['traceparent'])
+    if SETTINGS.log_headers:
+        fields['headers'] = [(shown_name(name), header_rule(name)(value))
+                             for name, value in request.header_list]
+    request.log.record('arrival', '%s %s' % (request.method, url), fields)
 
-    Chunk extensions and trailer fields are checked and dropped.  A line is
-    searched only in its new bytes, and never past its limit, so a client
-    trickling a line that never ends costs linear time and bounded memory.
+
+def arrival_text(record):
+    """The arrival on a text line: the URL as text, then kek's own fields
+    (the peer, the body's size), and last what the client chose: the
+    parameters, its ids and the headers, as JSON.  So the first ' client='
+    on the line is always the peer."""
+    fields = record.fields
+    url = fields['url']
+    if not (url.isascii() and url.isprintable() and '\\' not in url):
+        url = escape(url)
+    text = '%s %s client=%s' % (fields['method'], url, fields['client'])
+    if 'transfer_encoding' in fields:
+        text += ' body=chunked'
+    elif 'body_bytes' in fields:
+        text += ' body=%d' % fields['body_bytes']
+    text += ' params=' + json_text(fields['params'])
+    if 'params_values' in fields:
+        text += ' (%d of %d values)' % (MAX_SHOWN_PARAMS, fields['params_values'])
+    if 'x_request_id' in fields:
+        text += ' x-request-id=' + json_text(fields['x_request_id'])
+    if 'traceparent' in fields:
+        text += ' traceparent=' + json_text(fields['traceparent'])
+    if 'headers' in fields:
+        text += ' headers=' + json_text(fields['headers'])
+    return text
+
+
+def log_body(request):
+    """The body record, once a body has arrived whole: its size (decoded,
+    for either framing), type, SHA-256, and what its first LOG_BODY bytes
+    may show (body_fields()), or the summary of its parts."""
+    body = request.body
+    content_type = request.headers.get('content-type', '')
+    fields = {'body_bytes': body.size, 'content_type': shown(content_type),
+              'sha256': body.sha256.hexdigest()}
+    if body.parts is not None:
+        fields.update(shown_parts(body.parts))
+    elif body.keep:
+        cut = body.size > len(body.preview)
+        fields.update(body_fields(bytes(body.preview),
+                                  media_type(content_type), cut))
+        if cut:
+            fields['preview_bytes'] = len(body.preview)
+    request.log.record('body', 'body %d bytes' % body.size, fields)
+
+
+def body_text(record):
+    """The body record on a text line: its type, and its form, preview or
+    parts, as JSON."""
+    fields = record.fields
+    text = 'body %d bytes type=%s sha256=%s' % (
+        fields['body_bytes'], json_text(fields['content_type']),
+        fields['sha256'])
+    for name in ('form', 'preview', 'preview_base64', 'preview_binary', 'parts'):
+        if name in fields:
+            text += ' %s=%s' % (name, json_text(fields[name]))
+    if 'form_values' in fields:
+        text += ' (%d of %d values)' % (MAX_SHOWN_PARAMS, fields['form_values'])
+    if 'parts_count' in fields:
+        text += ' (%d of %d parts)' % (len(fields['parts']),
+                                       fields['parts_count'])
+    if 'parts_broken' in fields:
+        text += ' broken: %s' % fields['parts_broken']
+    if 'preview_bytes' in fields:
+        text += ' (the first %d bytes)' % fields['preview_bytes']
+    return text
+
+
+def log_abandoned(request, reason, received):
+    """The record of a request left in the middle: after its arrival, if
+    its head had come (received: the bytes of its head so far)."""
+    log = request.log.at('handler')
+    if request.body is not None:
+        log_arrival(request)
+        log.error('%s; %s', reason, request.reader.missing())
+    else:
+        log.error('%s; request head not complete (%s received)', reason,
+                  in_bytes(received))
+
+
+def log_refusal(request, log, reason):
+    """The record of a refused request, after its arrival if its head
+    parsed: why (already shown), and the peer."""
+    if request.method is not None:
+        log_arrival(request)
+    log.record('refusal', 'refused: %s' % reason, {'client': request.client},
+               logging.ERROR)
+
+
+def refusal_text(record):
+    """A refusal on a text line: the peer first, then why."""
+    return 'client=%s %s' % (record.fields['client'],
+                             escape(record.getMessage()))
+
+
+# The records with fields, one row a kind: how a text line writes them.  A
+# JSON line writes the fields as they are, after the message; every other
+# record is a message only.
+TEXT_LINES = {'arrival': arrival_text, 'body': body_text,
+              'refusal': refusal_text}
+
+
+class TextFormatter(logging.Formatter):
+    """KEY +OFFSETms LEVEL WHERE MESSAGE, on one line: the message, with
+    the traceback if any, escaped into it.  A record with fields (arrival,
+    body, refusal) has a function that writes them on a text line, each
+    value escaped in the grammar of its place."""
+
+    def format(self, record):
+        if record.kind and not record.exc_info:
+            # Fields, each already escaped in the grammar of its place.
+            return self.line(record.__dict__, record.offset_ms,
+                             record.levelname, TEXT_LINES[record.kind](record))
+        message = (self.with_traceback(record) if record.exc_info
+                   else record.getMessage())
+        return self.message_line(record.__dict__, record.offset_ms,
+                                 record.levelname, message)
+
+    def message_line(self, context, offset_ms, levelname, message):
+        """The line of a record that is a message and nothing else, escaped:
+        format() writes such a record through it, and RequestLog calls it
+        without making a record at all.  context holds key and where."""
+        if not (message.isascii() and message.isprintable()
+                and '\\' not in message):
+            message = escape(message)
+        return self.line(context, offset_ms, levelname, message)
+
+    def line(self, context, offset_ms, levelname, text):
+        return (f'{context["key"]} +{offset_ms:.3f}ms {levelname:<5}'
+                f' {context["where"]} {text}')
+
+    def with_traceback(self, record):
+        """The message and its traceback, as they are: each format escapes."""
+        return record.getMessage() + '\n' + self.formatException(record.exc_info)
+
+
+class JsonFormatter(TextFormatter):
+    """One JSON object a line: request, offset_ms, level, where, message, and
+    the fields of arrival, body and refusal records (method, url, params,
+    client, headers, sha256, ...).  Client text is escaped once, by JSON;
+    the message of a record with fields is only a brief of them ("GET
+    /api?x=1", "body 32 bytes").
+
+    The key, level and WHERE are kek's own ASCII, so the line is put together
+    around them and only the message and the fields go through the encoder.
     """
 
-    def __init__(self):
-        self.step = CHUNK_SIZE
-        self.left = 0               # bytes of the current chunk's data to come
-        self.size = 0               # bytes of data so far
-        self.chunks = 0
-        self.scanned = 0            # bytes of an unfinished line already searched
-        self.trailer_bytes = 0
-        self.trailer_lines = 0
+    def format(self, record):
+        message = (self.with_traceback(record) if record.exc_info
+                   else record.getMessage())
+        return self.message_line(record.__dict__, record.offset_ms,
+                                 record.levelname, message, record.fields)
 
-    def read(self, inbuf, body):
-        """Decode what inbuf holds into body; True once the body is complete.
-        Raises Refused on the first byte that breaks the framing.  The data
-        of all the chunks at hand goes to body at once: its hashes and
-        signatures are updated once a read, not once a chunk."""
-        pieces = []
+    def message_line(self, context, offset_ms, levelname, message, fields=None):
+        key = context['key']
+        server = context['request'] is None     # its key is a time
+        line = ('{"request": %s, "offset_ms": %.3f, "level": "%s", "where": "%s",'
+                ' "message": %s' % ('null' if server else '"%s"' % key,
+                                    offset_ms, levelname, context['where'],
+                                    json_text(message)))
+        if server:
+            line += ', "time": "%s"' % key
+        if fields:      # the fields' own object, its '{' dropped, ends it
+            return line + ', ' + json_text(fields)[1:]
+        return line + '}'
+
+
+class LogWriter(logging.Handler):
+    """Gathers formatted records; flush() writes them all with one write().
+
+    The loop calls flush() once a round, before it sends that round's answers.
+    LOG_FILE is reopened when logrotate has moved it away.  A destination that
+    fails is reported once on standard error and the server goes on answering.
+    """
+
+    def __init__(self, path=None):
+        super().__init__()
+        self.path = path
+        self.lines = []
+        self.size = 0               # characters in lines
+        self.failing = False
+        self.lost = 0
+        self.reopen_requested = False
+        self.fd = 1 if path is None else self.open()
+
+    def open(self):
+        """Open LOG_FILE, and note which file it is (its device and inode)."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        opened = os.fstat(fd)
+        self.opened = (opened.st_dev, opened.st_ino)
+        return fd
+
+    def emit(self, record):
+        self.add(self.formatter.format(record))
+
+    def add(self, line):
+        """Keep a record's line for flush(), which writes them once they
+        pass LOG_FLUSH_BYTES.  A list's append() needs no lock: a line another
+        thread adds while flush() swaps the list lands in the old one, which
+        is then written, or in the new one."""
+        self.lines.append(line)
+        self.size += len(line)
+        if self.size > LOG_FLUSH_BYTES:
+            self.flush()
+
+    # The stock handle() without its filters and lock, which cost as much as
+    # the formatting.
+    handle = emit
+
+    def flush(self):
+        lines = self.lines
+        self.lines = []
+        self.size = 0
+        if self.path is not None and (lines or self.reopen_requested):
+            self.reopen_if_moved()
+        if not lines:
+            return
+        data = ('\n'.join(lines) + '\n').encode('utf-8', 'backslashreplace')
         try:
-            return self.decode(inbuf, pieces)
-        finally:
-            if pieces:
-                body.add(b''.join(pieces))
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as error:
+            self.lost += len(lines)
+            if not self.failing:
+                self.failing = True
+                report('cannot write the log to %s: %s; dropping records until'
+                       ' it works again' % (self.destination(), error))
+            return
+        if self.failing:
+            report('writing the log to %s works again; %d records were lost'
+                   % (self.destination(), self.lost))
+            self.failing = False
+            self.lost = 0
 
-    def decode(self, inbuf, pieces):
-        while inbuf:
-            if self.step is CHUNK_DATA:
-                data = bytes(inbuf[:self.left])
-                del inbuf[:len(data)]
-                self.left -= len(data)
-                self.size += len(data)
-                pieces.append(data)
-                if not self.left:
-                    self.step = CHUNK_END
-            elif self.step is CHUNK_END:
-                if inbuf == b'\r':
-                    return False        # its LF is still on the way
-                if not inbuf.startswith(b'\r\n'):
-                    raise Refused('chunk data not followed by CRLF')
-                del inbuf[:2]
-                self.step = CHUNK_SIZE
-            elif self.step is CHUNK_SIZE:
-                line = self.take_line(inbuf, MAX_CHUNK_LINE_BYTES,
-                                      'chunk size line')
-                if line is None:
-                    return False
-                self.start_chunk(line)
-            else:
-                line = self.take_line(inbuf, MAX_TRAILER_BYTES
-                                      - self.trailer_bytes, 'trailer')
-                if line is None:
-                    return False
-                if not line:
-                    return True
-                self.check_trailer(line)
-        return False
+    def destination(self):
+        return 'standard output' if self.path is None else self.path
 
-    def take_line(self, inbuf, limit, what):
-        """Take one CRLF-ended line from inbuf, without its CRLF; None if
-        it has not all arrived yet."""
-        end = inbuf.find(b'\n', self.scanned, limit + 2)
-        if end < 0:
-            if len(inbuf) > limit + 1:
-                raise Refused('%s over %d bytes' % (what, limit))
-            self.scanned = len(inbuf)
-            return None
-        self.scanned = 0
-        line = bytes(inbuf[:end + 1])
-        del inbuf[:end + 1]
-        problem = (control_problem(line[:-2]) if line.endswith(b'\r\n')
-                   else 'bare LF (not CRLF)')
-        if problem:
-            raise Refused('%s in a %s' % (problem, what))
-        return line[:-2]
+    def request_reopen(self):
+        """SIGHUP: reopen LOG_FILE before the next write, moved or not."""
+        self.reopen_requested = True
 
-    def start_chunk(self, line):
-        size, semicolon, extensions = line.partition(b';')
-        if semicolon:
-            size = size.rstrip(b' \t')      # BWS before the ';'
-        if (len(size) > MAX_CHUNK_SIZE_DIGITS
-                or not HEX_DIGITS.fullmatch(size)):
-            raise Refused('chunk size is not 1 to %d hex digits: %%s'
-                          % MAX_CHUNK_SIZE_DIGITS, 'bytes', line, None)
-        if semicolon and not CHUNK_EXTENSIONS.fullmatch(semicolon + extensions):
-            raise Refused("chunk extension is not ';name' or ';name=value':"
-                          ' %s', 'bytes', line, None)
-        self.left = int(size, 16)
-        self.chunks += self.left > 0        # the last chunk is no chunk
-        if self.size + self.left > MAX_BODY_BYTES:
-            raise Refused('chunked body over %d bytes' % MAX_BODY_BYTES)
-        if self.chunks > MAX_CHUNKS:
-            raise Refused('chunked body of more than %d chunks' % MAX_CHUNKS)
-        self.step = CHUNK_DATA if self.left else TRAILER
+    def reopen_if_moved(self):
+        """Before every write: if LOG_FILE is no longer the file we hold
+        (logrotate renamed or removed it, maybe creating a new one), open
+        the path anew, so that no record lands in a rotated file.  One stat
+        a loop round."""
+        try:
+            current = os.stat(self.path)
+            current = (current.st_dev, current.st_ino)
+        except OSError:
+            current = None
+        if not self.reopen_requested and current == self.opened:
+            return
+        self.reopen_requested = False
+        try:
+            fd = self.open()
+        except OSError:
+            return          # keep writing where we were
+        os.close(self.fd)
+        self.fd = fd
 
-    def check_trailer(self, line):
-        self.trailer_bytes += len(line) + 2
-        self.trailer_lines += 1
-        if self.trailer_lines > MAX_HEADERS:
-            raise Refused('more than %d trailer lines' % MAX_HEADERS)
-        if split_field(line.decode('latin-1')) is None:
-            raise Refused("trailer line is not 'Name: value': %s", 'bytes',
-                          line, None)
-
-    def missing(self):
-        return 'chunked body not complete (%s)' % self.step
+    def close(self):
+        self.flush()
+        if self.path is not None:
+            os.close(self.fd)
+        super().close()
 
 
-# What other protocols send first, to name them when they reach kek.
-PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
-HTTP2_PREFACE = b'PRI * HTTP/2.0'
-PROXY_V1 = re.compile(rb'PROXY (?:TCP[46] [0-9A-Fa-f.:]{2,39} [0-9A-Fa-f.:]{2,39}'
-                      rb' [0-9]{1,5} [0-9]{1,5}|UNKNOWN)')
-PROXY_V1_BYTES = 107                # its longest line, with CRLF
-FOREIGN_FIRST_BYTES = b'\x16P\r'      # TLS, the HTTP/2 PRI or PROXY, PROXY v2
+def flush_log():
+    for handler in LOGGER.handlers:
+        handler.flush()
 
 
-def foreign_protocol(data):
-    """The refusal of non-HTTP/1 traffic that data starts with, or None."""
-    if data.startswith(b'\x16\x03'):
-        return Refused('not an HTTP/1.x request: a TLS handshake on a plain'
-                       ' HTTP port, %s', 'server name', tls_server_name(data))
-    if data.startswith(HTTP2_PREFACE):
-        return Refused('not an HTTP/1.x request: the HTTP/2 connection preface'
-                       ' (PRI * HTTP/2.0)')
-    if data.startswith(b'PROXY '):
-        line = re.split(rb'[\r\n]', data[:PROXY_V1_BYTES + 1], maxsplit=1)[0]
-        return Refused('not an HTTP/1.x request: a PROXY protocol v1 header:'
-                       ' %s', 'proxy line', line)
-    if data.startswith(PROXY_V2_SIGNATURE):
-        return Refused('not an HTTP/1.x request: a PROXY protocol v2 header')
-    return None
-
-
-def tls_server_name(data):
-    """The server name (SNI) a TLS ClientHello in data asks for, or None if
-    the bytes at hand do not hold one.  Each step moves forward, so this is
-    linear in the bytes read."""
-    def number(at, size):
-        if at + size > len(data):
-            raise IndexError(at)
-        return int.from_bytes(data[at:at + size], 'big')
+def report(message):
+    """One line on standard error, even if standard error is gone."""
     try:
-        if number(5, 1) != 1:                   # not a ClientHello
-            return None
-        at = 5 + 4 + 2 + 32     # record and handshake headers, version, random
-        at += 1 + number(at, 1)                 # session id
-        at += 2 + number(at, 2)                 # cipher suites
-        at += 1 + number(at, 1)                 # compression methods
-        end = at + 2 + number(at, 2)            # the extensions
-        at += 2
-        while at + 4 <= end:
-            kind, size = number(at, 2), number(at + 2, 2)
-            if kind == 0:   # server_name: list length, name type, name length
-                length = number(at + 7, 2)
-                name = bytes(data[at + 9:at + 9 + length])
-                return name if name and len(name) == length else None
-            at += 4 + size
-    except IndexError:
+        os.write(2, ('kek: %s\n' % message).encode('utf-8', 'backslashreplace'))
+    except OSError:
         pass
-    return None
 
 
-def as_text(data):
-    """Client bytes as text for a message; bytes that are not UTF-8 are kept
-    as surrogates, which escape() shows as \\udcXX."""
-    return bytes(data).decode('utf-8', 'surrogateescape')
-
-
-# -- Webhooks and browsers -----------------------------------------------------
+# -- Signatures ----------------------------------------------------------------
 
 # The headers webhook senders sign with (SPEC 3, "Signatures"), and the
 # scheme of each; then how long after its timestamp the sender's own library
@@ -2735,6 +2865,8 @@ def log_signatures(request):
             request.log.warning('signature ' + verdict)
 
 
+# -- CORS ----------------------------------------------------------------------
+
 # CORS (SPEC 4): what a browser needs to let a page on another origin reach
 # kek, and read its answer's X-Request-Id.
 ORIGIN = re.compile(r'[A-Za-z][A-Za-z0-9+.-]{0,31}://'
@@ -2744,7 +2876,6 @@ TOKEN_LIST = re.compile(r'[%s]{1,%d}(?:[ \t]*,[ \t]*[%s]{1,%d}){0,%d}'
                         % (TCHAR, MAX_NAME_CHARS, TCHAR, MAX_NAME_CHARS,
                            MAX_HEADERS))
 PREFLIGHT_MAX_AGE = 600         # seconds a browser may keep a preflight's answer
-
 
 
 def cors_headers(request):
@@ -2794,6 +2925,13 @@ def log_preflight(request):
 
 # -- The connection ------------------------------------------------------------
 
+def body_of(request):
+    """The Body that is fed the request's body: LOG_BODY bytes of it, the
+    parts if it is multipart/form-data, the signatures it carries."""
+    return Body(SETTINGS.log_body, multipart_reader(request),
+                signatures_of(request))
+
+
 # A connection's states.  A connection moves only as MOVES allows (h11's
 # _state.py keeps its table the same way), so a mistake in the order of
 # things raises instead of leaving a connection half done.
@@ -2810,16 +2948,26 @@ LINGER = 'linger'       # half-closed: dropping what still arrives until
                         # LINGER_TIMEOUT (closing at once could reset the
                         # connection and destroy the answer)
 CLOSED = 'closed'
-
+# What moves a connection from one state to the next: the table is keyed by
+# these, as h11's is by event, so each move names its cause.
+FIRST_BYTE = 'first byte'           # a request begins
+BODY_FOLLOWS = 'body follows'       # its head is read, and it has a body
+ANSWERED = 'answered'               # the answer is written; more may come
+LAST_ANSWERED = 'last answered'     # the answer is written, and is the last
+STILL_SENDING = 'still sending'     # bytes arrive after the last answer
+INPUT_ENDED = 'input ended'         # the client half-closed, answers wait
+HALF_CLOSED = 'half-closed'         # the last answer is out, our side shut
+CLOSE = 'close'
 MOVES = {
-    IDLE: {HEAD, FINISHING, CLOSED},
-    HEAD: {BODY, IDLE, CLOSING, DRAINING, CLOSED},
-    BODY: {IDLE, CLOSING, DRAINING, CLOSED},
-    CLOSING: {DRAINING, FINISHING, CLOSED},
-    DRAINING: {FINISHING, LINGER, CLOSED},
-    FINISHING: {CLOSED},
-    LINGER: {CLOSED},
-    CLOSED: set(),
+    IDLE: {FIRST_BYTE: HEAD, INPUT_ENDED: FINISHING, CLOSE: CLOSED},
+    HEAD: {BODY_FOLLOWS: BODY, ANSWERED: IDLE, LAST_ANSWERED: CLOSING,
+           CLOSE: CLOSED},
+    BODY: {ANSWERED: IDLE, LAST_ANSWERED: CLOSING, CLOSE: CLOSED},
+    CLOSING: {STILL_SENDING: DRAINING, INPUT_ENDED: FINISHING, CLOSE: CLOSED},
+    DRAINING: {INPUT_ENDED: FINISHING, HALF_CLOSED: LINGER, CLOSE: CLOSED},
+    FINISHING: {CLOSE: CLOSED},
+    LINGER: {CLOSE: CLOSED},
+    CLOSED: {},
 }
 SERVING = (IDLE, HEAD, BODY)            # states that read requests
 DROPPING = (CLOSING, DRAINING, LINGER)  # states that drop what arrives
@@ -2877,12 +3025,14 @@ class Connection(BaseHTTPRequestHandler):
             return self.do_GET
         raise AttributeError(name)
 
-    def move(self, state):
-        """The one place the state changes, checked against MOVES."""
-        if state not in MOVES[self.state]:
-            raise RuntimeError('a connection cannot go from %s to %s'
-                               % (self.state, state))
-        self.state = state
+    def move(self, event):
+        """The one place the state changes: to where MOVES says event leads
+        from it, or RuntimeError."""
+        moves = MOVES[self.state]
+        if event not in moves:
+            raise RuntimeError('a connection cannot take %s when %s'
+                               % (event, self.state))
+        self.state = moves[event]
 
     # What the loop calls.
 
@@ -2899,7 +3049,7 @@ class Connection(BaseHTTPRequestHandler):
             return False
         if self.state in DROPPING:
             if self.state is CLOSING:
-                self.move(DRAINING)     # it is still sending: linger after
+                self.move(STILL_SENDING)    # linger after the answer
             self.drop(data)     # not progress: only sending the answer is
             return False
         # Between requests only a request's first byte is progress
@@ -2963,12 +3113,16 @@ class Connection(BaseHTTPRequestHandler):
             events |= selectors.EVENT_READ
         return events
 
-    def expired(self, now):
+    def deadline(self):
+        """When the connection must have moved on, or expire(): its linger's
+        end; else IDLE_TIMEOUT after the last progress, or sooner when its
+        request is due (Request.due())."""
         if self.state is LINGER:
-            return now >= self.linger_until
-        if self.request is not None and now >= self.request.due():
-            return True
-        return now >= self.active_at + IDLE_TIMEOUT
+            return self.linger_until
+        idle_until = self.active_at + IDLE_TIMEOUT
+        if self.request is not None:
+            return min(idle_until, self.request.due())
+        return idle_until
 
     def expire(self):
         """The connection missed its deadline: say why, if a request or an
@@ -3009,16 +3163,18 @@ class Connection(BaseHTTPRequestHandler):
             self.log.at('handler').error(
                 '%d bytes after the last request dropped unread: %s',
                 self.dropped, quoted(self.dropped_start, self.dropped))
-        self.move(CLOSED)
+        self.move(CLOSE)
         self.server.forget(self)
         self.connection.close()
 
     # A request, from its first byte to its answer.
 
     def begin_request(self):
-        self.move(HEAD)
+        self.move(FIRST_BYTE)
         started = self.active_at = time.monotonic()
-        self.request = Request(KEYS.next(), started, self.client)
+        key = KEYS.next()
+        self.request = Request(key, started, self.client,
+                               RequestLog(key, started, 'query'))
         self.log = self.request.log
 
     def take_head(self):
@@ -3050,7 +3206,7 @@ class Connection(BaseHTTPRequestHandler):
             self.wfile.write(CONTINUE)
         request.body = body_of(request)
         request.body_started = time.monotonic()
-        self.move(BODY)
+        self.move(BODY_FOLLOWS)
 
     def read_body(self):
         """Feed inbuf to the body reader; False if it needs more bytes."""
@@ -3073,10 +3229,7 @@ class Connection(BaseHTTPRequestHandler):
         the reason, the 200 answer with it, then the close."""
         request = self.request
         log = request.log.at('handler')
-        if request.method is not None:
-            log_arrival(request)
-        log.error('refused: %s' % reason, extra={
-            'fields': {'client': self.client}, 'text_line': refusal_text})
+        log_refusal(request, log, reason)
         del self.inbuf[:]       # what it still holds belongs to this request
         self.answer([reason], log, refused=True)
 
@@ -3093,13 +3246,13 @@ class Connection(BaseHTTPRequestHandler):
         self.request = None
         self.log = log
         if not closing:
-            self.move(IDLE)
-        elif refused or self.inbuf:
+            self.move(ANSWERED)
+            return
+        self.move(LAST_ANSWERED)
+        if refused or self.inbuf:       # the client may still be sending
             self.drop(self.inbuf)       # pipelined after the last request
             del self.inbuf[:]
-            self.move(DRAINING)
-        else:
-            self.move(CLOSING)
+            self.move(STILL_SENDING)
 
     # After the last answer.
 
@@ -3122,7 +3275,7 @@ class Connection(BaseHTTPRequestHandler):
         if self.state is HEAD or self.state is BODY:
             self.abandon('the client closed the connection')
         elif self.wfile:
-            self.move(FINISHING)    # send what it asked for, then close
+            self.move(INPUT_ENDED)  # send what it asked for, then close
         else:
             self.close()
 
@@ -3133,7 +3286,7 @@ class Connection(BaseHTTPRequestHandler):
         except OSError:         # reset by the client meanwhile
             self.close()
             return
-        self.move(LINGER)
+        self.move(HALF_CLOSED)
         self.linger_until = time.monotonic() + LINGER_TIMEOUT
 
 
@@ -3170,121 +3323,6 @@ def answer_bytes(request, errors, closing, date):
 
 class ValidationError(Exception):
     """A request that is well formed but not what the chain accepts."""
-
-
-def log_arrival(request):
-    """The first record of a request: what arrived, as fields, with what is
-    never logged left out.  Each format writes them in its own grammar, so
-    each value is escaped once: JSON as they are, a text line through
-    arrival_text()."""
-    params, count = shown_params(request.params, request.query)
-    # The URL's query needs looking at only if a parameter was not shown
-    # as it is: a secret-looking one, or one cut.
-    url = shown_url(request.target)
-    fields = {'method': request.method, 'url': url, 'client': request.client}
-    if request.declared == 'chunked':
-        fields['transfer_encoding'] = 'chunked'
-    elif request.declared:
-        fields['body_bytes'] = request.declared
-    fields['params'] = params
-    if count > MAX_SHOWN_PARAMS:
-        fields['params_values'] = count
-    headers = request.headers
-    if 'x-request-id' in headers:
-        fields['x_request_id'] = shown(headers['x-request-id'])
-    if 'traceparent' in headers:
-        fields['traceparent'] = shown(headers['traceparent'])
-    if SETTINGS.log_headers:
-        fields['headers'] = [(shown_name(name), header_rule(name)(value))
-                             for name, value in request.header_list]
-    request.log.info('%s %s' % (request.method, url),
-                     extra={'fields': fields, 'text_line': arrival_text})
-
-
-def arrival_text(record):
-    """The arrival on a text line: the URL as text, then kek's own fields
-    (the peer, the body's size), and last what the client chose: the
-    parameters, its ids and the headers, as JSON.  So the first ' client='
-    on the line is always the peer."""
-    fields = record.fields
-    url = fields['url']
-    if not (url.isascii() and url.isprintable() and '\\' not in url):
-        url = escape(url)
-    text = '%s %s client=%s' % (fields['method'], url, fields['client'])
-    if 'transfer_encoding' in fields:
-        text += ' body=chunked'
-    elif 'body_bytes' in fields:
-        text += ' body=%d' % fields['body_bytes']
-    text += ' params=' + json_text(fields['params'])
-    if 'params_values' in fields:
-        text += ' (%d of %d values)' % (MAX_SHOWN_PARAMS, fields['params_values'])
-    if 'x_request_id' in fields:
-        text += ' x-request-id=' + json_text(fields['x_request_id'])
-    if 'traceparent' in fields:
-        text += ' traceparent=' + json_text(fields['traceparent'])
-    if 'headers' in fields:
-        text += ' headers=' + json_text(fields['headers'])
-    return text
-
-
-def log_body(request):
-    """The body record, once a body has arrived whole: its size (decoded,
-    for either framing), type, SHA-256, and what its first LOG_BODY bytes
-    may show (body_fields()), or the summary of its parts."""
-    body = request.body
-    content_type = request.headers.get('content-type', '')
-    fields = {'body_bytes': body.size, 'content_type': shown(content_type),
-              'sha256': body.sha256.hexdigest()}
-    if body.parts is not None:
-        fields.update(shown_parts(body.parts))
-    elif body.keep:
-        cut = body.size > len(body.preview)
-        fields.update(body_fields(bytes(body.preview),
-                                  media_type(content_type), cut))
-        if cut:
-            fields['preview_bytes'] = len(body.preview)
-    request.log.info('body %d bytes' % body.size,
-                     extra={'fields': fields, 'text_line': body_text})
-
-
-def body_text(record):
-    """The body record on a text line: its type, and its form, preview or
-    parts, as JSON."""
-    fields = record.fields
-    text = 'body %d bytes type=%s sha256=%s' % (
-        fields['body_bytes'], json_text(fields['content_type']),
-        fields['sha256'])
-    for name in ('form', 'preview', 'preview_base64', 'preview_binary', 'parts'):
-        if name in fields:
-            text += ' %s=%s' % (name, json_text(fields[name]))
-    if 'form_values' in fields:
-        text += ' (%d of %d values)' % (MAX_SHOWN_PARAMS, fields['form_values'])
-    if 'parts_count' in fields:
-        text += ' (%d of %d parts)' % (len(fields['parts']),
-                                       fields['parts_count'])
-    if 'parts_broken' in fields:
-        text += ' broken: %s' % fields['parts_broken']
-    if 'preview_bytes' in fields:
-        text += ' (the first %d bytes)' % fields['preview_bytes']
-    return text
-
-
-def log_abandoned(request, reason, received):
-    """The record of a request left in the middle: after its arrival, if
-    its head had come (received: the bytes of its head so far)."""
-    log = request.log.at('handler')
-    if request.body is not None:
-        log_arrival(request)
-        log.error('%s; %s', reason, request.reader.missing())
-    else:
-        log.error('%s; request head not complete (%s received)', reason,
-                  in_bytes(received))
-
-
-def refusal_text(record):
-    """A refusal on a text line: the peer first, then why."""
-    return 'client=%s %s' % (record.fields['client'],
-                             escape(record.getMessage()))
 
 
 def query(request):
@@ -3381,6 +3419,8 @@ class Server:
         self.ready = set()          # connections with bytes to serve
         self.touched = set()        # connections that did something this round
         self.stopping = False
+        self.stop_at = None         # when stopping abandons what is left
+        self.next_sweep = 0.0       # when deadlines are checked next
         self.accepting = True
         self.resume_accept_at = 0.0
         self.date = email.utils.formatdate(usegmt=True)
@@ -3390,54 +3430,63 @@ class Server:
         return 'http://%s:%d' % ('[%s]' % host if ':' in host else host, port)
 
     def serve_forever(self):
-        """Run until shutdown() and until requests in flight are done."""
-        stop_at = None
-        next_sweep = 0.0
+        """Run rounds until shutdown() and until requests in flight are
+        done: as socketserver's loop, a round, then a stop step."""
         while True:
-            # Connections with requests left from the last round: each gets
-            # its turn this round, and is not read until they are served.
-            ready, self.ready = self.ready, set()
-            for key, events in self.selector.select(
-                    0 if ready else self.wait(next_sweep)):
-                conn = key.data
-                if key.fileobj is self.socket:
-                    self.accept()
-                elif key.fileobj is self.waker:
-                    self.waker.recv(4096)
-                else:
-                    self.touched.add(conn)
-                    if events & selectors.EVENT_READ and conn not in ready:
-                        self.run(conn, conn.receive)
-            for conn in ready:
+            self.round()
+            if self.stopping and self.stop_step():
+                return
+
+    def round(self):
+        """One round of the loop (see the class's docstring)."""
+        # Connections with requests left from the last round: each gets
+        # its turn this round, and is not read until they are served.
+        ready, self.ready = self.ready, set()
+        for key, events in self.selector.select(
+                0 if ready else self.wait(self.next_sweep)):
+            conn = key.data
+            if key.fileobj is self.socket:
+                self.accept()
+            elif key.fileobj is self.waker:
+                self.waker.recv(4096)
+            else:
                 self.touched.add(conn)
-                self.run(conn, conn.serve)
-            now = time.monotonic()
-            if not self.accepting and not self.stopping and now >= self.resume_accept_at:
-                self.accepting = True
-                self.selector.register(self.socket, selectors.EVENT_READ)
-            if now >= next_sweep:
-                next_sweep = now + SWEEP_INTERVAL
-                self.sweep(now)
+                if events & selectors.EVENT_READ and conn not in ready:
+                    self.run(conn, conn.receive)
+        for conn in ready:
+            self.touched.add(conn)
+            self.run(conn, conn.serve)
+        now = time.monotonic()
+        if (not self.accepting and not self.stopping
+                and now >= self.resume_accept_at):
+            self.accepting = True
+            self.selector.register(self.socket, selectors.EVENT_READ)
+        if now >= self.next_sweep:
+            self.next_sweep = now + SWEEP_INTERVAL
+            self.sweep(now)
+        flush_log()
+        touched, self.touched = self.touched, set()
+        for conn in touched:
+            self.run(conn, self.send, conn)
+
+    def stop_step(self):
+        """After each round once shutdown() was asked: stop accepting, close
+        what is idle, and at SHUTDOWN_GRACE abandon the rest.  True when
+        no connection is left."""
+        now = time.monotonic()
+        if self.stop_at is None:
+            self.stop_at = now + SHUTDOWN_GRACE
+            self.stop_accepting()
+        for conn in list(self.connections):
+            if conn.idle():
+                conn.close()
+        if self.connections and now >= self.stop_at:
+            for conn in list(self.connections):
+                if conn.state is HEAD or conn.state is BODY:
+                    conn.abandon('server stopping')
+                conn.close()        # (a no-op once abandoned)
             flush_log()
-            touched, self.touched = self.touched, set()
-            for conn in touched:
-                self.run(conn, self.send, conn)
-            if self.stopping:
-                if stop_at is None:
-                    stop_at = now + SHUTDOWN_GRACE
-                    self.stop_accepting()
-                for conn in list(self.connections):
-                    if conn.idle():
-                        conn.close()
-                if not self.connections:
-                    break
-                if now >= stop_at:
-                    for conn in list(self.connections):
-                        if conn.state is HEAD or conn.state is BODY:
-                            conn.abandon('server stopping')
-                        conn.close()        # (a no-op once abandoned)
-                    flush_log()
-                    break
+        return not self.connections
 
     def wait(self, next_sweep):
         """How long select() may wait, when no connection has requests left
@@ -3516,7 +3565,7 @@ class Server:
         deadline."""
         self.date = email.utils.formatdate(usegmt=True)
         for conn in list(self.connections):
-            if conn.expired(now):
+            if now >= conn.deadline():
                 self.touched.add(conn)
                 self.run(conn, conn.expire)
 
