@@ -7,17 +7,46 @@ arrival time, so that one grep pulls it out:
     PORT=8001 python kek.py
     grep '^2026-11-26T17:42:17.123401Z ' kek.log
 
-One thread runs a selectors loop over every connection.  A connection is a
-BaseHTTPRequestHandler fed from memory: the stock handle_one_request() gets
-one complete request head at a time and calls parse_request(), then do_GET
-(or the fallback that serves every other method), so a client that sends
-slowly, or not at all, costs a little memory and no thread.  Everything
-about one request lives in a Request, which query() and the chain get.  The
-log records of one loop round are written before any answer of that round
-is sent: a client that got its answer can find its whole chain in the log.
+How it works.  One thread runs a selectors loop over every connection.  A
+round of the loop (Server.round()) takes the bytes that arrived and serves
+the requests they complete, at most MAX_REQUESTS_A_TURN a connection, checks
+deadlines, writes the round's log records, then sends the answers: a client
+that got its answer can find its whole chain in the log.  At its connection
+limit, or out of file descriptors, it closes the connection that has made
+the least recent progress.  Slow or idle clients cost a little memory and no
+thread; each connection's deadline() is checked every SWEEP_INTERVAL.
 
-The file reads top-down: settings, keys, logging, what is never logged,
-parsing and framing, the connection, the call chain, the server, main.
+A connection is a Connection, a BaseHTTPRequestHandler fed from memory: the
+stock handle_one_request() gets one complete request head at a time and
+calls parse_request(), then do_GET (or the fallback that serves every other
+method).  Its life is a named state, moved only by the events of MOVES (h11
+keeps its table so): idle, head, body, then after the last answer closing,
+draining, finishing, linger and closed.  Everything about one request lives
+in a Request, made at its first byte, handed to query() and the chain, and
+dropped once its answer is written.
+
+One request's path: bytes -> HeadReader.read() -> parse_head() (facts, or
+Refused with its raw evidence) -> do_GET -> body_reader() -> LengthReader or
+ChunkedReader feeding a Body (size, SHA-256, preview, parts, signatures) ->
+query(request) -> log_arrival(), log_body() (fields from "What the log
+shows") -> log_signatures(), log_preflight() -> process1/2/3 -> answer() ->
+answer_bytes() -> LogWriter.flush() -> send.
+
+The file reads top-down, each section using only what came before it (but
+the connection, which calls query() of the call chain after it):
+
+    Settings                limits, and the Settings each setting declared once
+    Text and HTTP grammar   JSON and escaping, tokens, unquote(), parse_query()
+    Keys                    the arrival-time keys
+    Reading requests        Request, the head, the body readers: facts only
+    What the log shows      the only road from client bytes to a record
+    Records                 RequestLog, the record kinds (TEXT_LINES), writer
+    Signatures              webhook senders' HMACs checked as the body streams
+    CORS                    the Access-Control-* answer, preflights named
+    The connection          Connection, its states and moves
+    The call chain          query(), process1(), process2(), process3()
+    The server              the loop: rounds, sweeps, the stop step
+    Main                    settings read and checked, the server run
 """
 
 import argparse
@@ -1616,10 +1645,10 @@ def shown_credentials(value):
     what a JWT shows of itself."""
     scheme, blank, credentials = value.partition(' ')
     if blank and scheme.lower() in KNOWN_SCHEMES:
-        described = hide_shapes(credentials.strip(' \t'))
-        if described.startswith('<jwt ') and described.endswith('>') and (
-                described.count('<jwt ') == 1):
-            return '%s %s' % (scheme, described)
+        token = credentials.strip(' \t')
+        match = CREDENTIAL.fullmatch(token)
+        if match and CREDENTIAL_KINDS[match.lastindex] == 'jwt':
+            return '%s %s' % (scheme, described_jwt(token))
         return '%s %s' % (scheme, length(credentials))
     return length(value)
 
