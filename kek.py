@@ -1085,6 +1085,7 @@ def tls_server_name(data):
 #   shown(text)                   any client text: cut, credentials hidden
 #   shown_name(name)              a header's, parameter's or field's name
 #   shown_header(name, value)     a header's value (LOG_HEADERS respected)
+#   shown_headers(header_list)    every header of an arrival, names and values
 #   shown_url(target)             a URL or request target
 #   shown_params(params, text)    a query's or a form's parameters
 #   body_fields(data, media, cut) what a body record shows of a body's start
@@ -1194,8 +1195,30 @@ SECRET_HINTS = tuple(sorted(SECRET_WORDS - {'pw'})) + (
     'pw', 'pass', 'sessid', 'privatekey', 'accesskey', 'authkey', 'verifier',
     # a word whose first letter is a lookalike ('Аuthorization')
     'uthori', 'assw', 'ecret', 'oken', 'ession')
-SECRET_HINT = re.compile('|'.join(sorted(map(re.escape, SECRET_HINTS),
-                                         key=len, reverse=True)), re.IGNORECASE)
+
+
+def tree_pattern(words):
+    """A pattern that matches the longest of words at a place, written as
+    the tree of their letters ('pass(?:code|word)?'): re tries a place
+    against a branch or two, where a list of words has it try each."""
+    tree = {}
+    for word in words:
+        node = tree
+        for char in word:
+            node = node.setdefault(char, {})
+        node[''] = {}           # a word ends here
+
+    def branches(node):
+        alternatives = [re.escape(char) + branches(child)
+                        for char, child in sorted(node.items()) if char]
+        if not alternatives:
+            return ''
+        pattern = '(?:%s)' % '|'.join(alternatives)
+        return pattern + '?' if '' in node else pattern
+    return branches(tree)
+
+
+SECRET_HINT = re.compile(tree_pattern(SECRET_HINTS), re.IGNORECASE)
 SECRET_HINT_LOWER = re.compile(SECRET_HINT.pattern)
 LONG_TEXT = 256     # from here, a C search for each hint beats one pattern
 
@@ -1627,6 +1650,25 @@ def judged_header_rule(name, own):
 # Names up to MAX_CACHED_NAME characters, 4096 of them: under 1 MiB.  The
 # key holds WEBHOOK_SIGNATURE_HEADER too, so a new setting needs no clearing.
 remembered_header_rule = functools.lru_cache(maxsize=4096)(judged_header_rule)
+
+
+def shown_headers(header_list):
+    """Every header of a request, in order, as (name, value) the log shows
+    them (LOG_HEADERS is on): each name cut, each value by its rule.  A
+    name is a token, so one shorter than any credential shows as it is."""
+    own = SETTINGS.webhook_signature_header
+    shown_ones = []
+    for name, value in header_list:
+        if len(name) <= MAX_CACHED_NAME:
+            rule = remembered_header_rule(name, own)
+        else:
+            rule = judged_header_rule(name, own)
+        if len(name) >= MIN_CREDENTIAL:
+            name = shown_name(name)
+        shown_ones.append((name, rule(value)))
+    return shown_ones
+
+
 # What a header's value holds if it nests a URL, a form or JSON.
 NESTS = re.compile(r'[=@{\[/<]')
 
@@ -1634,8 +1676,11 @@ NESTS = re.compile(r'[=@{\[/<]')
 def shown_free(value):
     """A header's value that has no rule of its own: what nests in it (a
     URL, a form or JSON) by the rules, then shown().  Most have nothing
-    that could nest."""
+    that could nest, and are short and plain: shown as they are."""
     if NESTS.search(value) is None:
+        if (len(value) < MIN_CREDENTIAL and value.isascii()
+                and value.isprintable()):
+            return value        # shown()'s common case, without the call
         return shown(value)
     return shown(shown_value(value))
 
@@ -2314,8 +2359,7 @@ def log_arrival(request):
     if 'traceparent' in headers:
         fields['traceparent'] = shown(headers['traceparent'])
     if SETTINGS.log_headers:
-        fields['headers'] = [(shown_name(name), header_rule(name)(value))
-                             for name, value in request.header_list]
+        fields['headers'] = shown_headers(request.header_list)
     request.log.record('arrival', '%s %s' % (request.method, url), fields)
 
 

@@ -5097,3 +5097,11 @@ def test_a_text_of_more_credential_places_than_looked_at_shows_the_rest_by_lengt
 def test_json_past_max_json_tokens_is_shown_by_its_length(monkeypatch):
     monkeypatch.setattr(kek, 'MAX_JSON_TOKENS', 4)
     assert kek.redact_json('{"a": 1, "token": "x"}') == '{"a": 1<15 bytes>'
+
+
+def test_the_hint_tree_matches_each_hint_whole_and_the_longest_first():
+    for hint in kek.SECRET_HINTS:
+        assert kek.SECRET_HINT.fullmatch(hint.upper())
+        assert kek.SECRET_HINT_LOWER.match(hint + '~').group() == hint
+    assert kek.SECRET_HINT_LOWER.match('passwordx').group() == 'password'
+    assert kek.SECRET_HINT.search('curl/7.88.1 wrk /api?x=1 127.0.0.1') is None
