@@ -646,8 +646,8 @@ def parse_head(request, head):
             raise Refused("header line is not 'Name: value': a continuation"
                           " %s", 'continuation', name, line.strip(' \t'))
         if field is None:
-            raise Refused("header line is not 'Name: value': %s", 'bytes',
-                          line, None)
+            raise Refused("header line is not 'Name: value': %s",
+                          'header line', line)
         name, value = field
         header_list.append((name, value))
         name = name.lower()
@@ -1013,8 +1013,8 @@ class ChunkedReader:
         if self.trailer_lines > MAX_HEADERS:
             raise Refused('more than %d trailer lines' % MAX_HEADERS)
         if split_field(line.decode('latin-1')) is None:
-            raise Refused("trailer line is not 'Name: value': %s", 'bytes',
-                          line, None)
+            raise Refused("trailer line is not 'Name: value': %s",
+                          'header line', line)
 
     def missing(self):
         return 'chunked body not complete (%s)' % self.step
@@ -1348,7 +1348,7 @@ def hide_shapes(text):
 
 
 # What ends the userinfo of a URL, or shows there was none.
-NOT_USERINFO = re.compile(r'[\s/?#"\'<>\\\[\]{}]')
+NOT_USERINFO = re.compile(r'[\s/?#"<>\\\[\]{}]')
 SCHEME_CHARS = frozenset('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
                          '0123456789+.-')
 
@@ -1409,7 +1409,7 @@ def jwt_part(part):
     """A JWT's header or payload, decoded; {} if it is not a JSON object."""
     try:
         value = json.loads(base64.urlsafe_b64decode(part + '=' * (-len(part) % 4)))
-    except ValueError:
+    except (ValueError, RecursionError):     # nested past json's depth too
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -2070,12 +2070,10 @@ def header_line(line):
 
 
 def shown_continuation(name, text):
-    """A line that continues the value of header name (obs-fold), by the
-    stricter of two rules: as a part of that value, or, if such values are
-    shown as they are, as a header line gone astray would be."""
-    if header_rule(name) is shown_free:
-        return header_line(text) or shown_header(name, text)
-    return shown_header(name, text)
+    """A line that continues the value of header name (obs-fold): the start
+    of the value it belongs to may have named a secret ('password=' on the
+    line before), so it is shown by its length."""
+    return length(text)
 
 
 # A parameter of a part's Content-Disposition, in each spelling RFC 7578
@@ -2117,7 +2115,7 @@ def extended_value(text):
     data = unquote(encoded.replace('+', '%2B')).encode('utf-8', 'surrogateescape')
     try:
         return data.decode(charset or 'utf-8')
-    except (LookupError, UnicodeDecodeError):
+    except (LookupError, UnicodeError):     # 'idna', 'undefined' ...
         return as_text(data)
 
 
@@ -2155,6 +2153,15 @@ def shown_parts(reader):
     return fields
 
 
+def shown_header_line(line):
+    """A header or trailer line that is not 'Name: value', quoted; only
+    its size when LOG_HEADERS is off, as every header value is then."""
+    if not SETTINGS.log_headers:
+        size = len(line) if isinstance(line, bytes) else byte_count(line)
+        return '%s, a header line' % in_bytes(size)
+    return quoted(line)
+
+
 def shown_continuation_of(name, text):
     return 'of %s: %s' % (shown_name(name), shown_continuation(name, text))
 
@@ -2162,7 +2169,7 @@ def shown_continuation_of(name, text):
 def shown_server_name(name):
     if not name:
         return 'no server name in its first bytes'
-    return 'server name %s' % shown(as_text(name))
+    return 'server name %s' % shown(hide_fields(as_text(name)))
 
 
 def shown_proxy_line(line):
@@ -2175,6 +2182,7 @@ def shown_proxy_line(line):
 EVIDENCE = {
     'bytes': quoted,                            # data, size (or None)
     'header': shown_header,                     # name, value
+    'header line': shown_header_line,           # a line without its colon
     'continuation': shown_continuation_of,      # the name, the line
     'server name': shown_server_name,           # a TLS hello's SNI, or None
     'proxy line': shown_proxy_line,             # a PROXY v1 line
@@ -2345,7 +2353,8 @@ def log_arrival(request):
     # The URL's query needs looking at only if a parameter was not shown
     # as it is: a secret-looking one, or one cut.
     url = shown_url(request.target)
-    fields = {'method': request.method, 'url': url, 'client': request.client}
+    method = shown(request.method)
+    fields = {'method': method, 'url': url, 'client': request.client}
     if request.declared == 'chunked':
         fields['transfer_encoding'] = 'chunked'
     elif request.declared:
@@ -2355,12 +2364,13 @@ def log_arrival(request):
         fields['params_values'] = count
     headers = request.headers
     if 'x-request-id' in headers:
-        fields['x_request_id'] = shown(headers['x-request-id'])
+        fields['x_request_id'] = shown_free(headers['x-request-id'])
     if 'traceparent' in headers:
-        fields['traceparent'] = shown(headers['traceparent'])
+        fields['traceparent'] = shown_free(headers['traceparent'])
     if SETTINGS.log_headers:
         fields['headers'] = shown_headers(request.header_list)
-    request.log.record('arrival', '%s %s' % (request.method, url), fields)
+    request.log.record('arrival', '%s %s' % (method, cut(url, MAX_SHOWN_CHARS)),
+                       fields)
 
 
 def arrival_text(record):
@@ -2395,7 +2405,7 @@ def log_body(request):
     may show (body_fields()), or the summary of its parts."""
     body = request.body
     content_type = request.headers.get('content-type', '')
-    fields = {'body_bytes': body.size, 'content_type': shown(content_type),
+    fields = {'body_bytes': body.size, 'content_type': shown_free(content_type),
               'sha256': body.sha256.hexdigest()}
     if body.parts is not None:
         fields.update(shown_parts(body.parts))
@@ -3410,10 +3420,10 @@ def query(request):
     log_preflight(request)
     errors = []
     if request.method != 'GET':
-        errors.append('method %s is not allowed' % request.method)
+        errors.append('method %s is not allowed' % shown(request.method))
     if request.path != '/api':
         errors.append('path %s is not /api'
-                      % shown_url(request.path))
+                      % cut(shown_url(request.path), MAX_SHOWN_CHARS))
     if '1' in request.params.get('invalid', ()):
         errors.append('parameter invalid=1')
     for error in errors:

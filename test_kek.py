@@ -1309,15 +1309,12 @@ def test_bytes_kek_did_not_parse_are_quoted_by_the_rules_of_what_it_did(
     assert kek.quoted(quoted_bytes) == shown
 
 
-@pytest.mark.parametrize('name, line, shown', [
-    ('X-Api-Key', 'abc', '<3 bytes>'),
-    ('X-Api-Key', 'Note: abc', '<9 bytes>'),       # its value's, still
-    ('Host', 'Authorization: Bearer abc', 'Authorization: Bearer <3 bytes>'),
-    ('Host', 'Authorization Bearer abc', 'Authorization Bearer <3 bytes>'),
-    ('Host', 'x.example', 'x.example')])
-def test_a_continuation_is_shown_by_the_stricter_of_its_two_rules(
-        name, line, shown):
-    assert kek.shown_continuation(name, line) == shown
+@pytest.mark.parametrize('name, line', [
+    ('X-Api-Key', 'abc'), ('X-Note', 'Note: abc'), ('Host', 'x.example'),
+    # the line before may have ended in 'password=' (found by the hunt)
+    ('X-Note', 'SEKRET-of-the-line-before')])
+def test_a_continuation_shows_only_its_length(name, line):
+    assert kek.shown_continuation(name, line) == '<%d bytes>' % len(line)
 
 
 def test_quoted_bytes_show_no_more_than_log_body(monkeypatch):
@@ -1583,7 +1580,7 @@ CONFORMANCE = [
     ('first header line folded', b'GET /api HTTP/1.1\r\n folded: x\r\n\r\n',
      ["header line is not 'Name: value':  folded: x"]),
     ('obs-fold with a tab', H + b'A: b\r\n\tc\r\n\r\n',
-     ["header line is not 'Name: value': a continuation of A: c"]),
+     ["header line is not 'Name: value': a continuation of A: <1 byte>"]),
     ('101 header lines', H + b'A: b\r\n' * 100 + b'\r\n',
      ['more than 100 header lines']),
     ('NUL in a value', H + b'A: b\0c\r\n\r\n',
@@ -1619,7 +1616,7 @@ CONFORMANCE = [
     ('blank before a colon', H + b'X : 1\r\n\r\n',
      ["header line is not 'Name: value': X : 1"]),
     ('obs-fold', H + b'X: 1\r\n 2\r\n\r\n',
-     ["header line is not 'Name: value': a continuation of X: 2"]),
+     ["header line is not 'Name: value': a continuation of X: <1 byte>"]),
     ('DEL in a value', H + b'X: \x7f\r\n\r\n',
      ['control character 0x7f in the request head']),
     # Lengths that are refused.
