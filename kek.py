@@ -1294,18 +1294,21 @@ CREDENTIAL_HINTS = (
     ('ANPA', 0), ('ANVA', 0), ('APKA', 0), ('AIza', 0), ('npm_', 0),
     ('pypi-', 0), ('sk-', 0), ('SG.', 0), ('SK', 0), ('shp', 0), ('_v1_', 3),
     (':AA', 10), ('eyJ', 0), ('-----BEGIN', 0))
-MAX_CREDENTIAL_TRIES = 1000     # places looked at in one text: past them, the
-                                # rest of it is shown as its length
+MAX_CREDENTIAL_TRIES = 1000     # places to look at in one text: past them,
+                                # all of it is shown as its length
 
 
 def credential_places(text):
-    """Where in text a credential may begin, in order."""
+    """Where in text a credential may begin, in order; None if there are
+    more than MAX_CREDENTIAL_TRIES such places."""
     places = set()
     for hint, back in CREDENTIAL_HINTS:
         at = text.find(hint)
-        while at >= 0 and len(places) <= MAX_CREDENTIAL_TRIES:
+        while at >= 0:
             places.update(range(max(0, at - back), at + 1) if back > 2
                           else (max(0, at - back),))
+            if len(places) > MAX_CREDENTIAL_TRIES:
+                return None
             at = text.find(hint, at + 1)
     return sorted(places)
 
@@ -1317,14 +1320,12 @@ def hide_shapes(text):
         return text
     if '://' in text and '@' in text:
         text = hide_userinfo(text)
+    places = credential_places(text)
+    if places is None:          # too many to try: none of it is shown
+        return length(text)
     parts = []
     done = 0
-    for tries, at in enumerate(credential_places(text)):
-        if tries >= MAX_CREDENTIAL_TRIES:
-            parts.append(text[done:at])
-            parts.append(length(text[at:]))
-            done = len(text)
-            break
+    for at in places:
         match = CREDENTIAL.match(text, at) if at >= done else None
         if match is None:
             continue
@@ -1457,35 +1458,45 @@ UNQUOTED_END = re.compile(r'[\s&;,"\'<>]')
 HIDDEN = re.compile(r'<(?:[a-z ]{1,24}, )?[0-9]+ bytes?(?:, cut)?>')
 
 
+# Where a field's name may end in text a hint search cannot read (letters
+# that are not ASCII, characters that cannot be seen): before each '=' or
+# ':', after each '<'.
+SEPARATOR = re.compile('[=:\uff1a<]')
+# Controls but tab, CR and LF: what may hide inside a name in ASCII text.
+HIDING_CONTROL = re.compile('[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]')
+NAME_RUN = re.compile('[%s]*' % re.escape(''.join(sorted(NAME_CHARS))))
+BLANKS = (' ', '\t', '\u00a0')
+
+
 def hide_fields(text):
     """text with the value of every field whose name looks secret shown as
-    its length.  Each candidate name is found by a C search for a hint and
-    read no further than MAX_NAME_CHARS either side; past MAX_FREE_FIELDS
-    candidates, the rest of the text is shown as its length."""
+    its length.  Candidate names are found by a C search for a hint, or,
+    in text with letters that are not ASCII or characters that cannot be
+    seen, at every separator; each is read no further than MAX_NAME_CHARS,
+    and once.  Past MAX_FREE_FIELDS candidates, the rest of the text is
+    shown as its length."""
     if not may_name_a_secret(text):
         return text
+    if text.isascii() and not HIDING_CONTROL.search(text):
+        names = hinted_names(text)
+    else:
+        names = separated_names(text)
     parts = []
     done = 0        # text[:done] is in parts
-    looked = 0
-    for hint in SECRET_HINT.finditer(text):
-        if hint.start() < done:
+    for looked, (start, end) in enumerate(names):
+        if start < done:
             continue
-        looked += 1
-        if looked > MAX_FREE_FIELDS:
+        if looked >= MAX_FREE_FIELDS:
             parts.append(length(text[done:]))
             done = len(text)
             break
-        start, end = hint.start(), hint.end()
-        floor, ceiling = max(done, start - MAX_NAME_CHARS), end + MAX_NAME_CHARS
-        while start > floor and text[start - 1] in NAME_CHARS:
-            start -= 1
-        while end < len(text) and end < ceiling and text[end] in NAME_CHARS:
-            end += 1
         value = field_value(text, start, end)
-        if (value is None or HIDDEN.match(text, value[0])
-                or not secret_name(text[start:end])):
+        if value is None or not secret_name(text[start:end]):
             continue
         begin, finish = value
+        marker = HIDDEN.match(text, begin)
+        if marker and marker.end() >= finish:
+            continue        # the value is hidden already, by another rule
         parts.append(text[done:begin])
         parts.append(length(text[begin:finish]))
         done = finish
@@ -1495,6 +1506,63 @@ def hide_fields(text):
     return ''.join(parts)
 
 
+def hinted_names(text):
+    """(start, end) of each name around a hint of SECRET_HINT, each name
+    once: a hint inside a name already read is skipped."""
+    walked = 0
+    for hint in SECRET_HINT.finditer(text):
+        start, end = hint.start(), hint.end()
+        if start < walked:
+            continue
+        floor = max(walked, start - MAX_NAME_CHARS)
+        while start > floor and text[start - 1] in NAME_CHARS:
+            start -= 1
+        end = NAME_RUN.match(text, end, end + MAX_NAME_CHARS).end()
+        walked = end
+        yield start, end
+
+
+def separated_names(text):
+    """(start, end) of the name before each '=' or ':' (and its closing
+    quote and blanks), or after each '<', read over letters of any script
+    and characters that cannot be seen."""
+    walked = 0
+    for separator in SEPARATOR.finditer(text):
+        at = separator.start()
+        if separator.group() == '<':      # <NAME ...> or <ns:NAME ...>
+            start = end = at + 1
+            while True:
+                while (end < len(text) and end < start + MAX_NAME_CHARS
+                       and name_char(text[end])):
+                    end += 1
+                if text[end:end + 1] != ':' or start < at + 1:
+                    break
+                start = end = end + 1
+            walked = end
+            yield start, end
+            continue
+        end = at
+        while end > walked and text[end - 1] in BLANKS:
+            end -= 1
+        if text[end - 1:end] in ('"', "'", ']'):
+            end -= 1
+            end -= text[end - 1:end] == '\\'
+        start = end
+        floor = max(walked, end - MAX_NAME_CHARS)
+        while start > floor and name_char(text[start - 1]):
+            start -= 1
+        walked = at + 1
+        yield start, end
+
+
+def name_char(char):
+    """A character a name may hold in text that is not plain ASCII: a
+    letter of any script, or one that cannot be seen (but a line end)."""
+    if char in NAME_CHARS or char.isalnum():
+        return True
+    return char not in '\t\n\r' and UNSEEN.match(char) is not None
+
+
 def field_value(text, start, end):
     """Where the value of the name text[start:end] is, (begin, end), if the
     name is followed as a field's name is: by '=' or ':' (after its closing
@@ -1502,14 +1570,15 @@ def field_value(text, start, end):
     before = text[start - 1:start]
     if before == ':':           # <namespace:NAME ...>
         prefix = start - 1
-        while prefix > 0 and text[prefix - 1] in NAME_CHARS:
+        floor = max(0, prefix - MAX_NAME_CHARS)
+        while prefix > floor and name_char(text[prefix - 1]):
             prefix -= 1
         before = '<' if text[prefix - 1:prefix] == '<' else before
     if before == '<':           # <NAME attributes>VALUE</NAME>
         close = text.find('>', end, end + MAX_NAME_CHARS)
         if close < 0 or text[close - 1] == '/':
             return None
-        finish = text.find('<', close)
+        finish = text.find('</', close)     # past CDATA, comments, elements
         return close + 1, len(text) if finish < 0 else finish
     at = end
     if before in ('"', "'"):
@@ -1518,13 +1587,15 @@ def field_value(text, start, end):
         if not text.startswith(before, at):
             return None
         at += len(before)
-    while text[at:at + 1] in (' ', '\t'):
+    if text[at:at + 1] == ']':  # user[password]=...
+        at += 1
+    while text[at:at + 1] in BLANKS:
         at += 1
     separator = text[at:at + 1]
-    if separator not in ('=', ':') or not separator:
+    if separator not in ('=', ':', '\uff1a') or not separator:
         return None
     at += 1
-    while text[at:at + 1] in (' ', '\t'):
+    while text[at:at + 1] in BLANKS:
         at += 1
     for quote in ('\\"', '"', "'"):
         if text.startswith(quote, at):
@@ -1532,13 +1603,13 @@ def field_value(text, start, end):
             while finish > 0 and quote != '\\"' and text[finish - 1] == '\\':
                 finish = text.find(quote, finish + 1)
             return at + len(quote), len(text) if finish < 0 else finish
-    if separator == ':':        # NAME: VALUE, to the end of its line
+    if separator != '=':        # NAME: VALUE, to the end of its line
         finish = min((found for found in (text.find('\n', at), text.find('\r', at))
                       if found >= 0), default=len(text))
         escaped = text.find('\\n', at, finish)     # a newline as JSON writes it
         finish = finish if escaped < 0 else escaped
-    else:
-        found = UNQUOTED_END.search(text, at)
+    else:                       # to a blank or a quote; '<' ends no first
+        found = UNQUOTED_END.search(text, at + (text[at:at + 1] in '<>'))
         finish = len(text) if found is None else found.start()
     return (at, finish) if finish > at else None
 
@@ -1841,7 +1912,7 @@ def shown_params(params, text):
         secret = secret_name(name)
         values = [length(value) if secret else shown_value(value)
                   for value in values]
-        name = hide_shapes(name)
+        name = hide_shapes(hide_fields(name))     # a form that lost its '='
         if not short:
             name, values = shown_name(name), [shown(value) for value in values]
         shown_ones[name] = values
@@ -1888,7 +1959,12 @@ CREDENTIAL_START = re.compile(
 def hide_cut_end(text):
     """A preview cut short may end inside a credential, too short now for
     its shape to be known: from where one begins in the run of credential
-    characters it ends in, it is shown as its length."""
+    characters it ends in, it is shown as its length; and so is a URL's
+    authority the cut leaves open, which may end in a password."""
+    authority = text.rfind('://') + 3
+    if (2 < authority < len(text)
+            and NOT_USERINFO.search(text, authority) is None):
+        return text[:authority] + hidden(text[authority:], cut=True)
     run = len(text) - len(text.rstrip(CREDENTIAL_CHARS))
     start = CREDENTIAL_START.search(text, len(text) - run) if run else None
     if start is None:

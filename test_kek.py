@@ -5084,11 +5084,18 @@ def test_a_secret_argument_from_a_shell_is_refused_and_not_echoed():
     assert wrong == []
 
 
-def test_a_text_of_more_credential_places_than_looked_at_shows_the_rest_by_length(
+def test_a_text_of_more_credential_places_than_looked_at_shows_by_length(
         monkeypatch):
     monkeypatch.setattr(kek, 'MAX_CREDENTIAL_TRIES', 2)
-    text = 'gh1 gh2 gh3 gh4 and ' + 'a' * 20
-    assert kek.hide_shapes(text) == 'gh1 gh2 <32 bytes>'
+    assert kek.hide_shapes('gh1 gh2 and ' + 'a' * 20) == 'gh1 gh2 and ' + 'a' * 20
+    assert kek.hide_shapes('gh1 gh2 gh3 and ' + 'a' * 20) == '<36 bytes>'
+
+
+def test_places_of_one_kind_do_not_crowd_out_the_credentials_of_others():
+    """The hunt: 1,001 places of 'gh' after them hid nothing before."""
+    text = ('AKIAZ7QWERTYUIOPASDF xoxb-123456789012-abcdefghijkl '
+            + ' gh' * 1001)
+    assert kek.hide_shapes(text) == '<%d bytes>' % len(text)
 
 
 def test_json_past_max_json_tokens_is_shown_by_its_length(monkeypatch):
