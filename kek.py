@@ -1223,10 +1223,14 @@ SECRET_HINT_LOWER = re.compile(SECRET_HINT.pattern)
 LONG_TEXT = 256     # from here, a C search for each hint beats one pattern
 
 
+# Controls but tab, CR and LF: what may hide inside a name in ASCII text.
+HIDING_CONTROL = re.compile('[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]')
+
+
 def may_name_a_secret(text):
     """False when no name in text can look secret: most texts."""
-    if not text.isascii() or '%' in text:
-        return True     # a lookalike letter or an escape may spell one
+    if not text.isascii() or '%' in text or HIDING_CONTROL.search(text):
+        return True     # a lookalike letter, an escape or a NUL may spell one
     lower = text.lower()
     if len(text) < LONG_TEXT:
         return SECRET_HINT_LOWER.search(lower) is not None
@@ -1462,8 +1466,6 @@ HIDDEN = re.compile(r'<(?:[a-z ]{1,24}, )?[0-9]+ bytes?(?:, cut)?>')
 # that are not ASCII, characters that cannot be seen): before each '=' or
 # ':', after each '<'.
 SEPARATOR = re.compile('[=:\uff1a<]')
-# Controls but tab, CR and LF: what may hide inside a name in ASCII text.
-HIDING_CONTROL = re.compile('[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]')
 NAME_RUN = re.compile('[%s]*' % re.escape(''.join(sorted(NAME_CHARS))))
 BLANKS = (' ', '\t', '\u00a0')
 
@@ -1535,8 +1537,8 @@ def separated_names(text):
                 while (end < len(text) and end < start + MAX_NAME_CHARS
                        and name_char(text[end])):
                     end += 1
-                if text[end:end + 1] != ':' or start < at + 1:
-                    break
+                if text[end:end + 1] != ':' or start > at + 1:
+                    break           # one namespace, no more
                 start = end = end + 1
             walked = end
             yield start, end
@@ -1609,7 +1611,7 @@ def field_value(text, start, end):
         escaped = text.find('\\n', at, finish)     # a newline as JSON writes it
         finish = finish if escaped < 0 else escaped
     else:                       # to a blank or a quote; '<' ends no first
-        found = UNQUOTED_END.search(text, at + (text[at:at + 1] in '<>'))
+        found = UNQUOTED_END.search(text, at + text.startswith(('<', '>'), at))
         finish = len(text) if found is None else found.start()
     return (at, finish) if finish > at else None
 
@@ -1853,6 +1855,9 @@ def shown_query(query, depth=0):
     for n in range(0, len(fields), 2):
         name, equals, value = fields[n].partition('=')
         if not value:
+            if '%' in name and hide_fields(unquote(name)) != unquote(name):
+                fields[n] = length(name)        # a form, encoded once more
+                redacted = True
             continue
         text = unquote(value)
         if secret_name(unquote(name)) or nested(text, depth + 1) != text or (
@@ -1972,6 +1977,15 @@ def hide_cut_end(text):
     return text[:start.start()] + hidden(text[start.start():], cut=True)
 
 
+def binary_may_hide_a_secret(text):
+    """Bytes shown in base64 or hex are read by no rule, so they are shown
+    only if no secret-looking name or credential's shape is in them, read
+    without controls (UTF-16 text is ASCII between NULs) and with lookalike
+    letters folded."""
+    plain = HIDING_CONTROL.sub('', text).translate(LOOKALIKES)
+    return SECRET_HINT.search(plain) is not None or hide_shapes(plain) != plain
+
+
 def body_fields(data, media, cut):
     """What the body record shows of a body's first bytes (data): a form's
     fields like the query's, JSON with the values of secret-looking keys as
@@ -1986,7 +2000,7 @@ def body_fields(data, media, cut):
             return {'form': form, 'form_values': count}
         return {'form': form}
     if kind == 'binary':
-        if SECRET_HINT.search(text) or hide_shapes(text) != text:
+        if binary_may_hide_a_secret(text):
             return {'preview_binary': 'not shown: it may hold a secret'}
         return {'preview_base64': base64.b64encode(data).decode('ascii')}
     if kind == 'JSON':
@@ -2145,13 +2159,6 @@ def header_line(line):
     return None
 
 
-def shown_continuation(name, text):
-    """A line that continues the value of header name (obs-fold): the start
-    of the value it belongs to may have named a secret ('password=' on the
-    line before), so it is shown by its length."""
-    return length(text)
-
-
 # A parameter of a part's Content-Disposition, in each spelling RFC 7578
 # and RFC 2231 allow: quoted or not, blanks around '=', name*=UTF-8''...
 DISPOSITION_PARAMETER = re.compile(
@@ -2239,7 +2246,10 @@ def shown_header_line(line):
 
 
 def shown_continuation_of(name, text):
-    return 'of %s: %s' % (shown_name(name), shown_continuation(name, text))
+    """A line that continues the value of header name (obs-fold): the start
+    of that value may have named a secret ('password=' on the line before),
+    so the line is shown by its length."""
+    return 'of %s: %s' % (shown_name(name), length(text))
 
 
 def shown_server_name(name):
@@ -2281,7 +2291,7 @@ def viewed(text, size, keep):
     kind = body_kind(text, '', byte_count(text) < size)
     text = text[:keep]
     if kind == 'binary':
-        if SECRET_HINT.search(text) or hide_shapes(text) != text:
+        if binary_may_hide_a_secret(text):
             return kind, '(not shown: it may hold a secret)'
         return kind, text[:MAX_SHOWN_CHARS // 2].encode(
             'utf-8', 'surrogateescape')[:MAX_SHOWN_CHARS // 2].hex()
@@ -2481,10 +2491,13 @@ def log_body(request):
     may show (body_fields()), or the summary of its parts."""
     body = request.body
     content_type = request.headers.get('content-type', '')
+    coding = request.headers.get('content-encoding', 'identity').lower()
     fields = {'body_bytes': body.size, 'content_type': shown_free(content_type),
               'sha256': body.sha256.hexdigest()}
     if body.parts is not None:
         fields.update(shown_parts(body.parts))
+    elif body.keep and coding != 'identity':    # bytes no rule can read
+        fields['preview_binary'] = 'not shown: encoded as %s' % shown(coding)
     elif body.keep:
         cut = body.size > len(body.preview)
         fields.update(body_fields(bytes(body.preview),
@@ -3797,7 +3810,15 @@ def read_settings(argv, environ):
             raise SettingError('%s: a secret is never an argument (a command'
                                ' line is seen by every user of the machine);'
                                ' set WEBHOOK_SECRET in the environment' % name)
-    args = vars(parser.parse_args(argv))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:     # named, but not what follows them: a mistyped secret's
+        values = sum(not arg.startswith('-') or '=' in arg for arg in unknown)
+        raise SettingError('unrecognized arguments: %s%s' % (
+            ' '.join(arg.partition('=')[0] for arg in unknown
+                     if arg.startswith('-')),
+            ' and %d value%s, not shown' % (values, 's' * (values > 1))
+            if values else ''))
+    args = vars(args)
     settings = Settings()
     for setting in Settings.DECLARED:
         source, text = setting.argument, args.get(setting.attribute)

@@ -8,6 +8,7 @@ import base64
 import calendar
 import errno
 import gc
+import gzip
 import hashlib
 import hmac
 import http.client
@@ -1314,7 +1315,8 @@ def test_bytes_kek_did_not_parse_are_quoted_by_the_rules_of_what_it_did(
     # the line before may have ended in 'password=' (found by the hunt)
     ('X-Note', 'SEKRET-of-the-line-before')])
 def test_a_continuation_shows_only_its_length(name, line):
-    assert kek.shown_continuation(name, line) == '<%d bytes>' % len(line)
+    assert kek.shown_continuation_of(name, line) == 'of %s: <%d bytes>' % (
+        name, len(line))
 
 
 def test_quoted_bytes_show_no_more_than_log_body(monkeypatch):
@@ -4073,6 +4075,13 @@ def test_arguments_win_over_the_environment(tmp_path):
     ({'HOST': '192.0.2.1'}, [], "kek: cannot listen on HOST='192.0.2.1' "
      "PORT=0: [Errno 99] Cannot assign requested address"),
     ({}, ['--bogus'], 'kek: unrecognized arguments: --bogus'),
+    # A mistyped secret's name is named, its value not (found by a newcomer).
+    ({}, ['--webhook-secre', 'hunter2'], 'kek: unrecognized arguments:'
+     ' --webhook-secre and 1 value, not shown'),
+    ({}, ['--webhook=hunter2', 'x', 'y'], 'kek: unrecognized arguments:'
+     ' --webhook and 3 values, not shown'),
+    ({}, ['--hook=hunter2'], 'kek: unrecognized arguments: --hook and 1'
+     ' value, not shown'),
     ({}, ['--port'], 'kek: argument --port: expected one argument'),
     ({'PORT': '1' * 5000}, [], "kek: PORT='%s' is not a port number (0-65535)"
      % ('1' * 5000)),
@@ -4797,8 +4806,52 @@ def leaked(log, cases):
                    for form in forms_of(secret))]
 
 
+# The third hunt: an attacker who read the README (each found a way past).
+FORM = b'application/x-www-form-urlencoded'
+THIRD_HUNT = table(
+    ('a form that lost its =', lambda s: post(b'/login', b'DB_PASSWORD: ' + s,
+                                              FORM)),
+    ('a form in a form name', lambda s: post(b'/login', b'user%3Dann%26'
+                                             b'password%3D' + s, FORM)),
+    ('a form in a query name', lambda s: b'GET /api?password%%3D%s HTTP/1.1'
+     b'\r\nHost: x\r\n\r\n' % s),
+    ('X-Request-Id in free text', lambda s: H + b'X-Request-Id: password=%s'
+     b'\r\n\r\n' % s),
+    ('traceparent in free text', lambda s: H + b'traceparent: token=%s'
+     b'\r\n\r\n' % s),
+    ("a body's type in free text", lambda s: post(b'/api', b'x',
+                                                  b'text/plain; token=' + s)),
+    ('XML CDATA', lambda s: post(b'/api', b'<a><password><![CDATA[%s]]>'
+                                 b'</password></a>' % s, b'text/xml')),
+    ('XML comment', lambda s: post(b'/api', b'<a><password><!-- c -->%s'
+                                   b'</password></a>' % s, b'text/xml')),
+    ('a lookalike letter in a free-text name', lambda s: H + 'X-Note: tоken='
+     .encode() + s + b' x\r\n\r\n'),
+    ('an invisible character in a body name', lambda s: post(
+        b'/api', 'note\npass\u200bword=%s more'.encode() % s, b'text/plain')),
+    ('a NUL in a body name', lambda s: post(b'/api', b'to\x00ken: ' + s,
+                                            b'text/plain')),
+    ('a lookalike in a bad trailer line', lambda s: CHUNKED + b'1\r\nx\r\n0'
+     b'\r\n' + 'X-Note pаssword='.encode() + s + b'\r\n\r\n'),
+    ('a value starting with <', lambda s: post(b'/api', b'DB_PASSWORD=<' + s,
+                                               b'text/plain')),
+    ('a no-break space after =', lambda s: post(
+        b'/api', 'password=\u00a0'.encode() + s, b'text/plain')),
+    ('a full-width colon', lambda s: post(b'/api', 'password\uff1a'.encode()
+                                          + s, b'text/plain')),
+    ('a forged marker', lambda s: post(b'/api', b'note\npassword: <7 bytes> '
+                                       + s + b'\n', b'text/plain')),
+    ('user[password]= in a header', lambda s: H + b'X-Note: user[password]=%s'
+     b'\r\n\r\n' % s),
+    ('a folded header', lambda s: H + b'X-Note: password=\r\n %s\r\n\r\n'
+     % s),
+    ('an apostrophe in userinfo', lambda s: post(
+        b'/api', b"Connection string is postgres://ann:it's%s@db/app" % s,
+        b'text/plain')),
+)
 TABLES = {'shapes': SHAPES, 'names': NAMES, 'parts': PART_SPELLINGS,
-          'text': TEXT, 'quoted': QUOTED, 'binary': BINARY, 'extras': EXTRAS}
+          'text': TEXT, 'quoted': QUOTED, 'binary': BINARY, 'extras': EXTRAS,
+          'third hunt': THIRD_HUNT}
 
 
 @pytest.fixture(scope='module', params=[
@@ -4865,6 +4918,10 @@ def test_no_credential_shows_as_base64_or_hex(tables_logged):
     """Binary bytes are shown in base64 or hex; a credential among them is
     a credential all the same (beyond the brief)."""
     check_table(tables_logged, BINARY)
+
+
+def test_no_secret_the_third_hunt_found_shows(tables_logged):
+    check_table(tables_logged, THIRD_HUNT)
 
 
 def test_no_credential_shows_cut_short_or_in_odd_places(tables_logged):
@@ -5109,3 +5166,65 @@ def test_the_hint_tree_matches_each_hint_whole_and_the_longest_first():
         assert kek.SECRET_HINT_LOWER.match(hint + '~').group() == hint
     assert kek.SECRET_HINT_LOWER.match('passwordx').group() == 'password'
     assert kek.SECRET_HINT.search('curl/7.88.1 wrk /api?x=1 127.0.0.1') is None
+
+
+@pytest.mark.parametrize('text', [
+    '<ns:pаssword>SEKRET-9x</ns:pаssword>',         # a namespace, a lookalike
+    'pаssword = SEKRET-9x',                          # blanks before '='
+    '{"tоken": "SEKRET-9x"}',                        # a quoted name
+    'user[password]=SEKRET-9x',
+    'pw' * 300 + ' password=SEKRET-9x',              # a long name read once
+])
+def test_free_text_hides_what_a_hint_search_alone_missed(text):
+    assert 'SEKRET' not in kek.hide_fields(text)
+
+
+def test_a_preview_cut_inside_an_authority_hides_the_rest_of_it():
+    assert kek.hide_cut_end('DATABASE_URL postgres://ann:SEKRET') == (
+        'DATABASE_URL postgres://<10 bytes, cut>')
+    assert kek.hide_cut_end('see https://host/x') == 'see https://host/x'
+
+
+def test_a_credential_shaped_method_is_hidden(trap):
+    records = records_of(trap, b'AKIAIOSFODNN7EXAMPLE /api HTTP/1.1\r\n'
+                         b'Host: x\r\n\r\n')
+    assert 'AKIAIOSFODNN7EXAMPLE' not in records
+    assert 'method <aws access key, 20 bytes> is not allowed' in records
+
+
+def test_a_jwt_nested_past_jsons_depth_is_shown_by_its_header():
+    deep = b64url(b'{"a": ' + b'[' * 3000 + b']' * 3000 + b'}')
+    token = '%s.%s.%s' % (b64url(b'{"alg":"HS256"}'), deep, b64url(b's' * 32))
+    assert kek.hide_shapes('Bearer ' + token).startswith('Bearer <jwt alg=HS256')
+
+
+@pytest.mark.parametrize('charset', ['idna', 'undefined'])
+def test_a_part_name_in_a_charset_that_fails_reads_as_text(charset):
+    assert kek.extended_value("%s''pass%%FFword" % charset) == 'pass\udcffword'
+
+
+def test_a_header_line_without_its_colon_shows_its_size_at_headers_off(
+        monkeypatch):
+    monkeypatch.setattr(kek.SETTINGS, 'log_headers', False)
+    assert kek.shown_header_line('X-Thing SEKRET-9x') == '17 bytes, a header line'
+    assert kek.shown_header_line(b'X-Thing SEKRET-9x') == '17 bytes, a header line'
+
+
+def test_an_encoded_body_is_not_shown_in_base64(trap):
+    """The hunt: a gzip body's base64 was the secret, compressed."""
+    body = gzip.compress(b'{"password": "SEKRET-9x"}')
+    data = post(b'/api', body, b'application/json').replace(
+        b'Host: x\r\n', b'Host: x\r\nContent-Encoding: gzip\r\n')
+    records = records_of(trap, data)
+    assert 'preview_binary="not shown: encoded as gzip"' in records
+    assert base64.b64encode(body).decode()[:12] not in records
+
+
+def test_a_utf16_body_that_names_a_secret_is_not_shown_in_base64(trap):
+    body = '{"password": "SEKRET-9x"}'.encode('utf-16')
+    records = records_of(trap, post(b'/api', body, b'application/json'))
+    assert 'preview_binary="not shown: it may hold a secret"' in records
+
+
+def test_a_nul_inside_a_name_in_free_text_hides_its_value():
+    assert 'SEKRET' not in kek.hide_fields('to\x00ken: SEKRET-9x')
