@@ -5228,3 +5228,238 @@ def test_a_utf16_body_that_names_a_secret_is_not_shown_in_base64(trap):
 
 def test_a_nul_inside_a_name_in_free_text_hides_its_value():
     assert 'SEKRET' not in kek.hide_fields('to\x00ken: SEKRET-9x')
+
+
+# -- Tests added from mutation testing -----------------------------------------
+
+def test_a_connection_is_served_8_pipelined_requests_a_turn(harness):
+    """README: 8 pipelined requests a connection each loop round."""
+    _, conn, client = harness
+    client.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\n\r\n' * 20)
+    wait_for(lambda: len(arrived(conn.connection)) == 20 * 30)
+    assert conn.receive() is True           # the first turn, and more wait
+    assert conn.wfile.count(b'HTTP/1.1 200 OK') == 8
+    assert conn.inbuf.count(b'GET /api') == 12
+
+
+def test_a_head_of_max_head_bytes_is_taken_and_a_byte_more_refused():
+    """MAX_HEAD_BYTES counts the request line and header lines with their
+    CRLFs, not the blank line that ends the head."""
+    start = b'GET /api HTTP/1.1\r\nX: '
+    head = start + b'a' * (kek.MAX_HEAD_BYTES - len(start) - 2) + b'\r\n'
+    assert len(head) == kek.MAX_HEAD_BYTES
+    inbuf = bytearray(head + b'\r\n')
+    assert kek.HeadReader().read(inbuf) == head and inbuf == b''
+    with pytest.raises(kek.Refused, match='request head over 65536 bytes'):
+        kek.HeadReader().read(bytearray(b'X' + head + b'\r\n'))
+
+
+def test_a_head_is_taken_with_its_last_crlf_and_without_the_blank_line():
+    inbuf = bytearray(b'GET /api HTTP/1.1\r\nHost: x\r\n\r\nGET /next')
+    head = kek.HeadReader().read(inbuf)
+    assert head == b'GET /api HTTP/1.1\r\nHost: x\r\n'
+    assert inbuf == b'GET /next'
+
+
+def test_trailer_lines_count_with_their_crlfs_up_to_max_trailer_bytes():
+    line = b'X: ' + b'a' * (kek.MAX_TRAILER_BYTES - 5)      # and its CRLF
+    reader, body = kek.ChunkedReader(), kek.Body(0)
+    inbuf = bytearray(b'0\r\n' + line + b'\r\n\r\nNEXT')
+    assert reader.read(inbuf, body) is True and inbuf == b'NEXT'
+    assert reader.trailer_bytes == kek.MAX_TRAILER_BYTES
+    reader, body = kek.ChunkedReader(), kek.Body(0)
+    with pytest.raises(kek.Refused, match='trailer over'):
+        reader.read(bytearray(b'0\r\n' + line + b'a\r\n\r\n'), body)
+
+
+@pytest.mark.parametrize('data, shown', [
+    (b'\x00\xff' * 200, '400 bytes, binary: ' + '00ff' * 50),
+    # 100 characters, then no more than 100 of their bytes.
+    ('\x00\u00e9'.encode() * 100, '300 bytes, binary: ' + '00c3a9' * 33 + '00'),
+])
+def test_binary_bytes_show_the_hex_of_their_first_100_bytes(data, shown):
+    assert kek.quoted(data) == shown
+
+
+def test_query_returns_an_empty_list_when_all_went_well():
+    request = kek.Request('key', time.monotonic(), 'client',
+                          kek.RequestLog('K', time.monotonic(), 'query'))
+    kek.parse_head(request, b'GET /api?x=1 HTTP/1.1\r\nHost: x\r\n')
+    assert kek.query(request) == []
+
+
+def test_a_body_of_4096_chunks_is_read_and_one_of_4097_refused():
+    """README: a body of 1 MiB in at most 4,096 chunks."""
+    reader, body = kek.ChunkedReader(), kek.Body(0)
+    assert reader.read(bytearray(b'1\r\na\r\n' * 4096 + b'0\r\n\r\n'), body)
+    assert body.size == 4096
+    reader, body = kek.ChunkedReader(), kek.Body(0)
+    with pytest.raises(kek.Refused,
+                       match='^chunked body of more than 4096 chunks$'):
+        reader.read(bytearray(b'1\r\na\r\n' * 4097 + b'0\r\n\r\n'), body)
+
+
+def test_junk_is_kept_and_judged_by_its_first_4096_bytes():
+    with pytest.raises(kek.Refused) as refused:
+        kek.HeadReader().read(bytearray(b'!' * 4096 + b'\x00'))
+    assert refused.value.evidence == (b'!' * 4096, 4097)
+    # The NUL past the bytes kept is not seen: text, not binary.
+    assert kek.shown_refusal(refused.value).startswith(
+        'not an HTTP request: 4097 bytes, text: !!!')
+
+
+def test_a_client_is_read_until_64_kib_of_its_answers_wait(harness):
+    """README: bounded, reading a client that leaves 64 KiB of answers
+    unread."""
+    _, conn, _ = harness
+    conn.wfile += b'x' * (64 * 1024 - 1)
+    assert conn.wants() == selectors.EVENT_WRITE | selectors.EVENT_READ
+    conn.wfile += b'x'
+    assert conn.wants() == selectors.EVENT_WRITE
+    del conn.wfile[:]
+
+
+def test_records_are_held_until_they_pass_256_kib(tmp_path):
+    path = tmp_path / 'kek.log'
+    writer = make_writer(path)
+    writer.add('x' * (256 * 1024))
+    assert path.read_text() == '' and writer.size == 256 * 1024
+    writer.add('y')
+    assert path.stat().st_size == 256 * 1024 + 3 and writer.lines == []
+    writer.close()
+
+
+def test_free_text_reads_a_name_no_further_than_256_characters_past_its_hint():
+    # The name up to 256 characters after 'token' is read, and hidden...
+    assert kek.hide_fields('token' + 'a' * 256 + '=v').endswith('a=<1 byte>')
+    # ... one more and it is not read as a field's name at all.
+    text = 'token' + 'a' * 257 + '=v'
+    assert kek.hide_fields(text) == text
+
+
+def test_a_form_in_a_url_in_a_header_or_parameter_is_read_not_hidden():
+    """Two levels of nesting are within MAX_NESTING: a harmless form in a
+    URL's query stays as sent, in a header's value and in a parameter."""
+    value = '/a?u=keyboard%3D1'
+    assert kek.shown_header('X-Next', value) == value
+    query = 'n=' + quote(value, safe='')
+    assert kek.shown_params(kek.parse_query(query), query) == (
+        {'n': [value]}, 1)
+
+
+@pytest.mark.parametrize('blanks, shown', [
+    (32, 'http://h/?to%6Ben=<8 bytes>'),         # '://' in the first 40
+    (33, 'http://h/?to%6Ben=s3cr3t@x'),          # past them: free text
+])
+def test_a_value_is_read_as_a_url_if_its_scheme_ends_in_its_first_40_chars(
+        blanks, shown):
+    value = 'y' * blanks + ' http://h/?to%6Ben=s3cr3t@x'
+    assert kek.nested(value) == 'y' * blanks + ' ' + shown
+
+
+def test_an_xml_body_is_never_taken_for_a_form_or_json():
+    assert kek.body_kind('a=1&b=2', 'application/xml', False) == 'text'
+    assert kek.body_kind('{"a": 1}', 'text/xml', False) == 'text'
+    assert kek.body_kind('[1]', 'application/atom+xml', False) == 'text'
+    assert kek.body_fields(b'a=1&b=2', 'application/xml', False) == {
+        'preview': 'a=1&b=2'}
+
+
+def test_a_text_preview_is_cut_at_twice_its_bytes_and_the_slack():
+    """Hidden values make the text longer than the body ('1' shows as
+    '<1 byte>'): the preview is still cut at 2 * 240 + 16 characters."""
+    data = b'pwd=1 ' * 40
+    preview = kek.body_fields(data, 'text/plain', False)['preview']
+    assert preview.startswith('pwd=<1 byte> pwd=<1 byte> ')
+    assert preview.endswith('...(520 chars in all)')
+    assert len(preview) - len('...(520 chars in all)') <= (
+        2 * len(data) + kek.SHOWN_SLACK)
+
+
+def test_a_lone_percent_does_not_lose_what_follows_an_escape():
+    assert kek.unquote('a%41b%zz%42c') == 'aAb%zzBc'
+    assert kek.parse_query('x=a%41b%zz') == parse_qs('x=a%41b%zz')
+
+
+@pytest.mark.parametrize('age, verdict', [
+    (300, 'ok: stripe'),
+    (301, 'ok: stripe; but its timestamp is 301 s old (stripe allows 300 s)'),
+    (-300, 'ok: stripe'),
+    (-301, 'ok: stripe; but its timestamp is 301 s in the future'
+     ' (stripe allows 300 s)')])
+def test_a_timestamp_exactly_at_its_tolerance_is_still_in_time(
+        configure, monkeypatch, age, verdict):
+    configure(WEBHOOK_SECRET=STRIPE_SECRET.decode())
+    monkeypatch.setattr(kek.time, 'time', lambda: 1000000.0)
+    request = kek.Request('key', time.monotonic(), 'client', None)
+    request.headers = {name.lower(): value for name, value in
+                       stripe(STRIPE_SECRET, b'{}', 1000000 - age).items()}
+    [signature] = kek.signatures_of(request)
+    signature.add(bytearray(b'{}'))
+    assert signature.verdict() == verdict
+
+
+@pytest.mark.parametrize('size, allowed', [(32, True), (33, False)])
+def test_a_preflight_method_of_up_to_32_characters_is_allowed(configure, size,
+                                                              allowed):
+    configure(CORS='on')
+    request = kek.Request('key', time.monotonic(), 'client', None)
+    request.method = 'OPTIONS'
+    request.headers = {'origin': 'https://app.example',
+                       'access-control-request-method': 'M' * size}
+    lines = kek.cors_headers(request)
+    assert ('Access-Control-Allow-Methods: %s\r\n' % ('M' * size)
+            in lines) is allowed
+    assert 'Access-Control-Max-Age: 600\r\n' in lines
+
+
+def test_the_loop_waits_until_the_next_sweep_unless_accepting_is_paused(
+        harness):
+    server, _, _ = harness
+    now = time.monotonic()
+    assert 0.5 < server.wait(now + 1.0) <= 1.0     # accepting: the sweep
+    server.accepting = False                        # paused: its end first
+    server.resume_accept_at = now + 0.1
+    assert server.wait(now + 1.0) <= 0.1
+    server.accepting = True
+
+
+def test_a_closed_standard_error_is_given_dev_null():
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(3)]  # fds above 2
+    saved = os.dup(2)
+    try:
+        os.close(2)
+        kek.keep_standard_fds_open()
+        assert os.path.samestat(os.fstat(2), os.stat(os.devnull))
+    finally:
+        os.dup2(saved, 2)
+        for fd in held + [saved]:
+            os.close(fd)
+
+
+@pytest.mark.parametrize('text, shown', [
+    ('password="ab\\"" user=ann', 'password="<4 bytes>" user=ann'),
+    ('{"password": "ab\\"", "user": "ann"}',
+     '{"password": "<4 bytes>", "user": "ann"}')])
+def test_an_escaped_quote_just_before_the_closing_one_is_in_the_value(text,
+                                                                      shown):
+    assert kek.hide_fields(text) == shown
+
+
+def test_main_has_written_its_last_record_when_it_returns(tmp_path, monkeypatch,
+                                                          configure):
+    monkeypatch.setattr(kek.Server, 'serve_forever', lambda server: None)
+    handlers = list(kek.LOGGER.handlers)
+    signals = {signum: signal.getsignal(signum)
+               for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    log = tmp_path / 'kek.log'
+    try:
+        assert kek.main([], {'HOST': '127.0.0.1', 'PORT': '0',
+                             'LOG_FILE': str(log)}) == 0
+    finally:
+        kek.LOGGER.handlers[:] = handlers
+        for signum, handler in signals.items():
+            signal.signal(signum, handler)
+    lines = log.read_text().splitlines()
+    assert 'listening on http://127.0.0.1:' in lines[0]
+    assert lines[-1].endswith(' main stopped')
