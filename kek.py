@@ -1821,10 +1821,23 @@ def shown_url(target, depth=0):
     path = pieces[0]
     if path[:1] != '/' or path[1:2] == '/':
         path = shown_authority(path)
+    if may_name_a_secret(path):
+        path = '/'.join(map(shown_segment, path.split('/')))
     for n in range(2, len(pieces), 2):
         pieces[n] = shown_query(pieces[n], depth)
     pieces[0] = path
     return cut(hide_shapes(''.join(pieces)), MAX_SHOWN_URL)
+
+
+def shown_segment(segment):
+    """A path segment by the free-text rule (/api/token=VALUE/), and as its
+    length if it hides a secret only once percent-decoded."""
+    shown_one = hide_fields(segment)
+    if shown_one == segment and '%' in segment:
+        text = unquote(segment)
+        if hide_fields(text) != text:
+            return length(segment)
+    return shown_one
 
 
 def shown_authority(path):
@@ -1891,6 +1904,10 @@ def nested(value, depth=0):
         value = hide_userinfo(shown_url(value, depth + 1))
     elif '=' in value and FORM.fullmatch(value.strip(' \t\r\n')):
         value = shown_query(value, depth + 1)
+    elif '%' in value:          # encoded once more, as a next= URL often is
+        text = unquote(value)
+        if text != value and nested(text, depth + 1) != text:
+            return length(value)
     return hide_fields(value)
 
 
