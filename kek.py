@@ -58,6 +58,7 @@ import functools
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -71,6 +72,7 @@ import textwrap
 import threading
 import time
 import unicodedata
+import zlib
 from http.server import BaseHTTPRequestHandler
 
 
@@ -159,6 +161,34 @@ def not_empty(advice, value=str):
     return read
 
 
+def networks(text):
+    """A reader of comma-separated addresses and CIDR networks, each read
+    by ipaddress (an address is a network of one)."""
+    found = []
+    for item in text.split(','):
+        try:
+            found.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError('is not a list of addresses and networks: %r is'
+                             ' neither (as in 127.0.0.1,10.0.0.0/8,::1)'
+                             % item) from None
+    return tuple(found)
+
+
+def exact_paths(text):
+    """A reader of comma-separated paths, each as a request's path is sent:
+    '/' first, no blank, no '?'."""
+    found = set()
+    for item in text.split(','):
+        if not (item[:1] == '/' and item.isascii() and item.isprintable()
+                and ' ' not in item and '?' not in item and '#' not in item):
+            raise ValueError("is not a list of paths: %r does not start with"
+                             " '/' or holds a blank, '?' or '#' (as in"
+                             " /healthz,/ping)" % item)
+        found.add(item)
+    return frozenset(found)
+
+
 class Setting:
     """One setting: its environment variable (and argument), its default,
     its reader (text to value; ValueError says what is wrong) and its
@@ -218,6 +248,15 @@ class Settings:
                 "the webhook senders' shared secret: each request's signature"
                 ' is checked and the result logged.  From the environment'
                 ' only, and never printed', secret=True, shown_default='unset'),
+        Setting('TRUSTED_PROXIES', 'LIST', (), networks,
+                'comma-separated addresses and CIDR networks of your proxies'
+                ' (127.0.0.1,10.0.0.0/8,::1): from them, X-Forwarded-For,'
+                ' Forwarded and a PROXY protocol header name the client',
+                shown_default='none'),
+        Setting('LOG_SKIP', 'PATHS', frozenset(), exact_paths,
+                'comma-separated exact paths (/healthz,/ping) whose plain GETs'
+                ' are answered as usual but only counted, every 10 s',
+                shown_default='none'),
         # Its text is checked by read_settings(), which has the grammar of a
         # header name and the signature schemes.
         Setting('WEBHOOK_SIGNATURE_HEADER', 'NAME', None, str.lower,
@@ -530,11 +569,16 @@ class Request:
                         # then the one the body's framing asks for
     body = None         # what the log shows of the body: a Body
     body_started = None  # time.monotonic() when the head was done
+    via = None          # the trusted proxy the client came through
+    quiet = False       # to a path of LOG_SKIP, with no other error: counted
+    forwarding = None   # why a trusted proxy's header named no client:
+                        # (header, what is wrong, the hop as sent)
 
     def __init__(self, key, started, client, log):
         self.key = key
         self.started = started          # time.monotonic() at the first byte
-        self.client = client            # the peer, 'host:port'
+        self.client = client            # the peer, 'host:port', or the
+                                        # client a trusted proxy named
         self.log = log                  # its RequestLog
         self.reader = HeadReader()
 
@@ -1024,7 +1068,7 @@ class ChunkedReader:
 PROXY_V2_SIGNATURE = b'\r\n\r\n\x00\r\nQUIT\n'
 HTTP2_PREFACE = b'PRI * HTTP/2.0'
 PROXY_V1 = re.compile(rb'PROXY (?:TCP[46] [0-9A-Fa-f.:]{2,39} [0-9A-Fa-f.:]{2,39}'
-                      rb' [0-9]{1,5} [0-9]{1,5}|UNKNOWN)')
+                      rb' [0-9]{1,5} [0-9]{1,5}|UNKNOWN(?: [ -~]{0,92})?)')
 PROXY_V1_BYTES = 107                # its longest line, with CRLF
 FOREIGN_FIRST_BYTES = b'\x16P\r'      # TLS, the HTTP/2 PRI or PROXY, PROXY v2
 
@@ -1073,6 +1117,175 @@ def tls_server_name(data):
     except IndexError:
         pass
     return None
+
+
+
+# Behind a proxy (SPEC 3): a peer of TRUSTED_PROXIES may send a PROXY
+# protocol header first (HAProxy's proxy-protocol.txt, v1 and v2), and its
+# requests' X-Forwarded-For or Forwarded name the hops before it.
+PROXY_V2_HEAD_BYTES = 16            # signature, version and command, family, length
+MAX_PROXY_V2_BYTES = 16 + 4096      # with its TLVs (AWS's VPC endpoint id,
+                                    # HAProxy's TLS facts): a few hundred bytes
+PROXY_V2_ADDRESSES = {0x11: (socket.AF_INET, 4), 0x21: (socket.AF_INET6, 16)}
+MAX_FORWARDED_HOPS = 32             # hops read from the right of a header:
+                                    # each costs a parse, and no real chain is longer
+
+
+def proxy_header(inbuf):
+    """The PROXY protocol header inbuf starts with, as (source, length):
+    source is (host, port), or None when it names none (v1 UNKNOWN, v2
+    LOCAL, a family other than TCP over IPv4 or IPv6); length is what to
+    drop from inbuf, 0 if inbuf starts with no such header.  None while
+    inbuf may still be the start of one; Refused if it is a broken one."""
+    if inbuf.startswith(b'PROXY '):
+        end = inbuf.find(b'\r\n', 0, PROXY_V1_BYTES)
+        if end < 0:
+            if len(inbuf) < PROXY_V1_BYTES:
+                return None
+            raise Refused('PROXY protocol v1 header from a trusted proxy not'
+                          ' ended within %d bytes: %s' % (PROXY_V1_BYTES, '%s'),
+                          'proxy line', bytes(inbuf[:PROXY_V1_BYTES]))
+        line = bytes(inbuf[:end])
+        if not PROXY_V1.fullmatch(line):
+            raise Refused('PROXY protocol v1 header from a trusted proxy does'
+                          ' not parse: %s', 'proxy line', line)
+        fields = line.decode('ascii').split(' ')
+        if fields[1] == 'UNKNOWN':
+            return None, end + 2
+        family = 4 if fields[1] == 'TCP4' else 6
+        try:
+            host = ipaddress.ip_address(fields[2])
+            ports = [int(port) for port in fields[4:6]
+                     if port == str(int(port)) and int(port) <= MAX_PORT]
+        except ValueError:
+            host = None
+        if host is None or host.version != family or len(ports) != 2:
+            raise Refused('PROXY protocol v1 header from a trusted proxy names'
+                          ' no %s address and port: %s' % (fields[1], '%s'),
+                          'proxy line', line)
+        return (str(host), ports[0]), end + 2
+    if inbuf.startswith(PROXY_V2_SIGNATURE):
+        if len(inbuf) < PROXY_V2_HEAD_BYTES:
+            return None
+        command, family = inbuf[12], inbuf[13]
+        size = PROXY_V2_HEAD_BYTES + int.from_bytes(inbuf[14:16], 'big')
+        if command >> 4 != 2 or command & 0xF > 1:
+            raise Refused('PROXY protocol v2 header from a trusted proxy with'
+                          ' version and command 0x%02x, not 0x20 or 0x21'
+                          % command)
+        if size > MAX_PROXY_V2_BYTES:
+            raise Refused('PROXY protocol v2 header from a trusted proxy of %d'
+                          ' bytes, over %d' % (size, MAX_PROXY_V2_BYTES))
+        if len(inbuf) < size:
+            return None
+        if command & 0xF == 0 or family not in PROXY_V2_ADDRESSES:
+            return None, size       # LOCAL (a health check), or no address
+        kind, width = PROXY_V2_ADDRESSES[family]
+        if size < PROXY_V2_HEAD_BYTES + 2 * width + 4:
+            raise Refused('PROXY protocol v2 header from a trusted proxy too'
+                          ' short for its addresses: %d bytes' % size)
+        at = PROXY_V2_HEAD_BYTES
+        host = socket.inet_ntop(kind, bytes(inbuf[at:at + width]))
+        port = int.from_bytes(inbuf[at + 2 * width:at + 2 * width + 2], 'big')
+        return (host, port), size
+    if b'PROXY '.startswith(inbuf[:6]) or PROXY_V2_SIGNATURE.startswith(
+            inbuf[:len(PROXY_V2_SIGNATURE)]):
+        return None         # too short to tell yet
+    return None, 0
+
+
+@functools.lru_cache(maxsize=1024)      # hosts of at most 45 characters: 100 KiB
+def trusted(host, networks):
+    """True if host (an address as text) is in TRUSTED_PROXIES; an IPv4
+    address mapped into IPv6 (::ffff:10.0.0.5, a dual-stack socket's
+    peers) is read as itself.  Cached: a few addresses come again and again,
+    and ipaddress takes microseconds to read one."""
+    address = ipaddress.ip_address(host)
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+# A hop of X-Forwarded-For or Forwarded's for=: an address, with a port
+# perhaps, an IPv6 one in brackets if it has a port.
+HOP = re.compile(r'(\[[0-9A-Fa-f:.]{2,45}\]|[0-9.]{7,15}|[0-9A-Fa-f:.]{2,45})'
+                 r'(?::([0-9]{1,5}))?')
+MAX_HOP_CHARS = 45 + 2 + 6      # '[' IPv6 in its longest text ']' ':' port
+
+
+def hop_address(text):
+    """(host, port or None) of one hop, or None if it names no address."""
+    match = HOP.fullmatch(text)
+    if match is None:
+        return None
+    host, port = match.groups()
+    if host[0] == '[':
+        host = host[1:-1]
+        if ':' not in host:
+            return None         # brackets hold IPv6 only
+    elif port is not None and ':' in host:
+        return None             # an IPv6 address with a port needs brackets
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+    if port is not None and (int(port) > MAX_PORT or port != str(int(port))):
+        return None
+    return host, port and int(port)
+
+
+def forwarded_hops(value):
+    """The for= of each element of a Forwarded header (RFC 7239), quotes
+    taken off; None for an element without one."""
+    hops = []
+    for element in value.split(','):
+        hop = None
+        for pair in element.split(';'):
+            name, equals, text = pair.strip().partition('=')
+            if equals and name.lower() == 'for':
+                hop = text[1:-1] if text[:1] == text[-1:] == '"' and len(
+                    text) > 1 else text
+        hops.append(hop)
+    return hops
+
+
+def forward(request):
+    """The client a trusted peer's forwarding header names: the first hop,
+    from the right, that is not trusted (the hops a client added itself sit
+    to its left and are never read).  Sets request.client and request.via,
+    or request.forwarding, why the header named no client."""
+    headers = request.headers
+    if 'x-forwarded-for' in headers:
+        name = 'X-Forwarded-For'
+        hops = [hop.strip() for hop in headers['x-forwarded-for'].split(',')]
+    elif 'forwarded' in headers:
+        name = 'Forwarded'
+        hops = forwarded_hops(headers['forwarded'])
+    else:
+        return
+    for hop in reversed(hops[-MAX_FORWARDED_HOPS:]):
+        found = hop is not None and len(hop) <= MAX_HOP_CHARS and hop_address(hop)
+        if not found:
+            request.forwarding = (name, 'an element without for=', None) if (
+                hop is None) else (name, 'a hop that is not an address', hop)
+            return
+        host, port = found
+        if not trusted(host, SETTINGS.trusted_proxies):
+            break
+    else:
+        if len(hops) > MAX_FORWARDED_HOPS:
+            request.forwarding = (name, 'more than %d trusted hops'
+                                  % MAX_FORWARDED_HOPS, None)
+            return
+    request.via = request.via or request.client
+    request.client = peer_text(host, port)
+
+
+def peer_text(host, port=None):
+    """host:port as a record shows it, [host]:port for IPv6."""
+    if ':' in host:
+        host = '[%s]' % host
+    return host if port is None else '%s:%d' % (host, port)
 
 
 # -- What the log shows --------------------------------------------------------
@@ -2458,6 +2671,8 @@ def log_arrival(request):
     url = shown_url(request.target)
     method = shown(request.method)
     fields = {'method': method, 'url': url, 'client': request.client}
+    if request.via is not None:
+        fields['via'] = request.via
     if request.declared == 'chunked':
         fields['transfer_encoding'] = 'chunked'
     elif request.declared:
@@ -2476,6 +2691,16 @@ def log_arrival(request):
                        fields)
 
 
+def log_forwarding(request):
+    """Why a trusted proxy's forwarding header named no client: the peer
+    is then shown as the client."""
+    header, wrong, hop = request.forwarding
+    request.log.warning(
+        '%s from the trusted proxy %s names no client (%s%s); the client shown'
+        ' is the proxy', header, request.client, wrong,
+        '' if hop is None else ': ' + json_text(shown_free(hop)))
+
+
 def arrival_text(record):
     """The arrival on a text line: the URL as text, then kek's own fields
     (the peer, the body's size), and last what the client chose: the
@@ -2486,6 +2711,8 @@ def arrival_text(record):
     if not (url.isascii() and url.isprintable() and '\\' not in url):
         url = escape(url)
     text = '%s %s client=%s' % (fields['method'], url, fields['client'])
+    if 'via' in fields:
+        text += ' via=' + fields['via']
     if 'transfer_encoding' in fields:
         text += ' body=chunked'
     elif 'body_bytes' in fields:
@@ -3124,6 +3351,7 @@ def body_of(request):
 # A connection's states.  A connection moves only as MOVES allows (h11's
 # _state.py keeps its table the same way), so a mistake in the order of
 # things raises instead of leaving a connection half done.
+PREFACE = 'preface'     # from a trusted proxy: a PROXY header may come first
 IDLE = 'idle'           # between requests: waiting for a request's first byte
 HEAD = 'head'           # a request has begun: waiting for its blank line
 BODY = 'body'           # reading the request's body through its reader
@@ -3139,6 +3367,7 @@ LINGER = 'linger'       # half-closed: dropping what still arrives until
 CLOSED = 'closed'
 # What moves a connection from one state to the next: the table is keyed by
 # these, as h11's is by event, so each move names its cause.
+PREFACE_READ = 'preface read'       # a PROXY header, or none, was read
 FIRST_BYTE = 'first byte'           # a request begins
 BODY_FOLLOWS = 'body follows'       # its head is read, and it has a body
 ANSWERED = 'answered'               # the answer is written; more may come
@@ -3148,6 +3377,7 @@ INPUT_ENDED = 'input ended'         # the client half-closed, answers wait
 HALF_CLOSED = 'half-closed'         # the last answer is out, our side shut
 CLOSE = 'close'
 MOVES = {
+    PREFACE: {PREFACE_READ: IDLE, FIRST_BYTE: HEAD, CLOSE: CLOSED},
     IDLE: {FIRST_BYTE: HEAD, INPUT_ENDED: FINISHING, CLOSE: CLOSED},
     HEAD: {BODY_FOLLOWS: BODY, ANSWERED: IDLE, LAST_ANSWERED: CLOSING,
            CLOSE: CLOSED},
@@ -3158,7 +3388,7 @@ MOVES = {
     LINGER: {CLOSE: CLOSED},
     CLOSED: {},
 }
-SERVING = (IDLE, HEAD, BODY)            # states that read requests
+SERVING = (PREFACE, IDLE, HEAD, BODY)   # states that read requests
 DROPPING = (CLOSING, DRAINING, LINGER)  # states that drop what arrives
 
 
@@ -3191,8 +3421,12 @@ class Connection(BaseHTTPRequestHandler):
         self.client_address = client_address
         self.server = server
         host, port = client_address[:2]
-        self.client = ('[%s]:%d' if ':' in host else '%s:%d') % (host, port)
-        self.state = IDLE
+        self.client = peer_text(host, port)
+        self.via = None           # the peer, once a PROXY header named the client
+        # A trusted peer's requests name their clients (forward()).
+        self.forwards = bool(SETTINGS.trusted_proxies) and trusted(
+            host, SETTINGS.trusted_proxies)
+        self.state = PREFACE if self.forwards else IDLE
         self.request = None       # the request under way
         self.log = None           # the latest request's: news go there
         self.inbuf = bytearray()
@@ -3244,7 +3478,7 @@ class Connection(BaseHTTPRequestHandler):
         # Between requests only a request's first byte is progress
         # (begin_request() counts it), not blank lines: else two bytes every
         # few seconds would hold a connection open for ever.
-        if self.state is not IDLE:
+        if self.state is HEAD or self.state is BODY:
             self.active_at = time.monotonic()
         self.inbuf += data
         return self.serve()
@@ -3257,6 +3491,8 @@ class Connection(BaseHTTPRequestHandler):
             for _ in range(MAX_REQUESTS_A_TURN):
                 if not (self.inbuf and len(self.wfile) < MAX_PENDING_OUTPUT
                         and self.state in SERVING):
+                    return False
+                if self.state is PREFACE and not self.take_preface():
                     return False
                 if self.state is IDLE:
                     if not starts_request(self.inbuf):
@@ -3320,14 +3556,16 @@ class Connection(BaseHTTPRequestHandler):
             self.log.at('handler').error('client did not read its answer for'
                                          ' %g s; connection closed', IDLE_TIMEOUT)
             self.close()
-        elif self.request is not None:
+            return
+        self.begin_what_arrived()
+        if self.request is not None:
             self.refuse(self.request.overdue(self.active_at, len(self.inbuf)))
         else:
             self.close()
 
     def idle(self):
         """True when closing the connection loses nothing at all."""
-        return (self.state is IDLE or self.state is LINGER) and not (
+        return self.state in (PREFACE, IDLE, LINGER) and not (
             self.wfile or self.inbuf)
 
     def abandon(self, reason):
@@ -3358,12 +3596,32 @@ class Connection(BaseHTTPRequestHandler):
 
     # A request, from its first byte to its answer.
 
+    def take_preface(self):
+        """Read the PROXY header a trusted peer may send first: the client
+        it names is then the connection's.  False until it can be told."""
+        try:
+            found = proxy_header(self.inbuf)
+        except Refused:
+            self.begin_request()
+            raise
+        if found is None:
+            return False
+        source, size = found
+        del self.inbuf[:size]
+        if source is not None:
+            self.via = self.client
+            self.client = peer_text(*source)
+            self.forwards = trusted(source[0], SETTINGS.trusted_proxies)
+        self.move(PREFACE_READ)
+        return bool(self.inbuf)
+
     def begin_request(self):
         self.move(FIRST_BYTE)
         started = self.active_at = time.monotonic()
         key = KEYS.next()
         self.request = Request(key, started, self.client,
                                RequestLog(key, started, 'query'))
+        self.request.via = self.via
         self.log = self.request.log
 
     def take_head(self):
@@ -3380,6 +3638,8 @@ class Connection(BaseHTTPRequestHandler):
         head = self.raw_requestline + self.rfile.read()
         self.rfile = self.raw_requestline = None    # the head is the request's
         parse_head(self.request, head)
+        if self.forwards:
+            forward(self.request)
         return True
 
     def do_GET(self):
@@ -3428,7 +3688,9 @@ class Connection(BaseHTTPRequestHandler):
         closing = refused or not request.keep_alive or self.server.stopping
         self.wfile.write(answer_bytes(request, errors, closing, self.server.date))
         said = '; closing the connection' if closing else ''
-        if errors:
+        if request.quiet:
+            pass            # counted by QUIET instead
+        elif errors:
             log.error('responded 200 status=error' + said)
         else:
             log.info('responded 200 status=ok' + said)
@@ -3455,7 +3717,7 @@ class Connection(BaseHTTPRequestHandler):
         """Bytes that may begin a request (a PROXY v2 header is not yet told
         from blank lines) begin one, when the connection ends: its news are
         then told under a key."""
-        if self.state is IDLE and self.inbuf.strip(b'\r\n'):
+        if self.state in (PREFACE, IDLE) and self.inbuf.strip(b'\r\n'):
             self.begin_request()
 
     def end_of_input(self):
@@ -3514,11 +3776,50 @@ class ValidationError(Exception):
     """A request that is well formed but not what the chain accepts."""
 
 
+def quiet(request):
+    """True for a request to a path of LOG_SKIP that has no other error:
+    a plain GET, without a body, invalid=1 or a forwarding fault, is
+    counted, not logged; anything else is logged in full."""
+    return (request.method == 'GET' and request.body is None
+            and '1' not in request.params.get('invalid', ())
+            and request.forwarding is None)
+
+
+class QuietCounts:
+    """How many requests to each path of LOG_SKIP were answered unlogged
+    since the last report: at most one count a path."""
+
+    def __init__(self):
+        self.counts = {}
+        self.since = time.monotonic()
+
+    def count(self, path):
+        self.counts[path] = self.counts.get(path, 0) + 1
+
+    def report(self, now):
+        """A main record for each path counted since the last report."""
+        for path, count in sorted(self.counts.items()):
+            server_log().info('skipped %d request%s to %s in the last %.0f s',
+                              count, 's' * (count != 1), path, now - self.since)
+        self.counts = {}
+        self.since = now
+
+
+QUIET = QuietCounts()
+QUIET_REPORT_INTERVAL = 10.0    # seconds between the counts of quiet paths
+
+
 def query(request):
     """Log the incoming request, check method, path and parameters, then run
     the chain.  Returns the errors, each also logged; none if all went well."""
     log = request.log
+    if request.path in SETTINGS.log_skip and quiet(request):
+        QUIET.count(request.path)
+        request.quiet = True
+        return ['path %s is not /api' % request.path]
     log_arrival(request)
+    if request.forwarding is not None:
+        log_forwarding(request)
     if request.body is not None:
         log_body(request)
     if SETTINGS.webhook_secret is not None:
@@ -3653,6 +3954,8 @@ class Server:
         if now >= self.next_sweep:
             self.next_sweep = now + SWEEP_INTERVAL
             self.sweep(now)
+        if now >= QUIET.since + QUIET_REPORT_INTERVAL:
+            QUIET.report(now)
         flush_log()
         touched, self.touched = self.touched, set()
         for conn in touched:
@@ -3918,6 +4221,7 @@ def main(argv=None, environ=os.environ):
         server.serve_forever()
     finally:
         server.server_close()
+        QUIET.report(time.monotonic())
         server_log().info('stopped')
         writer.close()
     return 0

@@ -105,7 +105,7 @@ def arrival_fields(message):
     while rest:
         name, equals, rest = rest.partition('=')
         assert equals, rest
-        if name == 'body':
+        if name == 'body' or name == 'via':
             fields[name], _, rest = rest.partition(' ')
             continue
         fields[name], end = decoder.raw_decode(rest)
@@ -2722,7 +2722,7 @@ def receive(conn, client, data):
 def test_every_move_outside_the_table_raises(harness):
     _, conn, _ = harness
     events = {event for moves in kek.MOVES.values() for event in moves}
-    assert len(events) == 8
+    assert len(events) == 9
     for state, moves in kek.MOVES.items():
         for event in events - set(moves):
             conn.state = state
@@ -3936,7 +3936,8 @@ class Process:
         self.log_path = tmp_path / 'kek.log'
         environ = dict(os.environ, PORT='0', HOST='127.0.0.1')
         for name in ('LOG_FILE', 'LOG_FORMAT', 'LOG_HEADERS', 'LOG_BODY',
-                     'CORS', 'WEBHOOK_SECRET', 'WEBHOOK_SIGNATURE_HEADER'):
+                     'CORS', 'WEBHOOK_SECRET', 'WEBHOOK_SIGNATURE_HEADER',
+                     'TRUSTED_PROXIES', 'LOG_SKIP'):
             environ.pop(name, None)
         if log_file:
             environ['LOG_FILE'] = str(self.log_path)
@@ -4019,21 +4020,25 @@ def test_defaults_are_the_documented_ones():
         'host': '0.0.0.0', 'port': 8000, 'log_format': 'text',
         'log_file': None, 'log_headers': True, 'log_body': 1024, 'cors': True,
         'webhook_secret': None, 'webhook_signature_header': None,
-        'sources': {}}
+        'trusted_proxies': (), 'log_skip': frozenset(), 'sources': {}}
 
 
 def test_every_setting_has_its_largest_value():
     assert vars(kek.read_settings(['--port', '65535'], {
         'LOG_BODY': '65536', 'LOG_HEADERS': 'off', 'LOG_FORMAT': 'json',
         'LOG_FILE': 'x.log', 'HOST': '::1', 'CORS': 'off',
-        'WEBHOOK_SECRET': 's\udcff', 'WEBHOOK_SIGNATURE_HEADER': 'X-' + 'A' * 254
+        'WEBHOOK_SECRET': 's\udcff', 'WEBHOOK_SIGNATURE_HEADER': 'X-' + 'A' * 254,
+        'TRUSTED_PROXIES': '0.0.0.0/0,::/0', 'LOG_SKIP': '/healthz,/a/b',
     })) == {
         'host': '::1', 'port': 65535, 'log_format': 'json',
         'log_file': 'x.log', 'log_headers': False, 'log_body': 65536,
         'cors': False,
         # the secret's bytes as they were in the environment
         'webhook_secret': b's\xff', 'webhook_signature_header': 'x-' + 'a' * 254,
-        'sources': {'port': '--port', 'host': 'HOST', 'log_file': 'LOG_FILE',
+        'trusted_proxies': kek.networks('0.0.0.0/0,::/0'),
+        'log_skip': frozenset({'/healthz', '/a/b'}),
+        'sources': {'trusted_proxies': 'TRUSTED_PROXIES', 'log_skip': 'LOG_SKIP',
+                    'port': '--port', 'host': 'HOST', 'log_file': 'LOG_FILE',
                     'log_format': 'LOG_FORMAT', 'log_headers': 'LOG_HEADERS',
                     'log_body': 'LOG_BODY', 'cors': 'CORS',
                     'webhook_secret': 'WEBHOOK_SECRET',
@@ -4126,6 +4131,18 @@ def test_arguments_win_over_the_environment(tmp_path):
      ' the machine); set WEBHOOK_SECRET in the environment'),
     ({'WEBHOOK_SECRET': 'S3CR3T', 'PORT': 'x'}, [],
      "kek: PORT='x' is not a port number (0-65535)"),
+    ({'TRUSTED_PROXIES': '10.0.0.0/33'}, [], "kek: TRUSTED_PROXIES='10.0.0.0/33'"
+     " is not a list of addresses and networks: '10.0.0.0/33' is neither (as"
+     " in 127.0.0.1,10.0.0.0/8,::1)"),
+    ({'TRUSTED_PROXIES': '127.0.0.1,'}, [], "kek: TRUSTED_PROXIES='127.0.0.1,'"
+     " is not a list of addresses and networks: '' is neither (as in"
+     " 127.0.0.1,10.0.0.0/8,::1)"),
+    ({'LOG_SKIP': 'healthz'}, [], "kek: LOG_SKIP='healthz' is not a list of"
+     " paths: 'healthz' does not start with '/' or holds a blank, '?' or '#'"
+     " (as in /healthz,/ping)"),
+    ({'LOG_SKIP': '/a?b'}, [], "kek: LOG_SKIP='/a?b' is not a list of paths:"
+     " '/a?b' does not start with '/' or holds a blank, '?' or '#' (as in"
+     " /healthz,/ping)"),
 ])
 def test_bad_setting_is_one_line_on_stderr_and_exit_2(capfd, env, args,
                                                       says):
@@ -4978,7 +4995,7 @@ def test_a_slack_webhook_url_shows_as_its_kind(trap):
 def test_a_jwt_shows_what_helps_debug_it_and_no_claim_of_a_person(trap):
     token = person_jwt()
     shown = (r'<jwt alg=RS256 typ=JWT kid=k1 iss=https://idp aud=api'
-             r' exp=in 4m(49|50)s iat=(5|6)s ago, %d bytes>' % len(token))
+             r' exp=in 4m(4[5-9]|50)s iat=[5-9]s ago, %d bytes>' % len(token))
     records = [records_of(trap, H + b'Authorization: Bearer %s\r\n\r\n'
                           % token.encode()),
                records_of(trap, in_header(token)),
@@ -5478,3 +5495,333 @@ def test_main_has_written_its_last_record_when_it_returns(tmp_path, monkeypatch,
     lines = log.read_text().splitlines()
     assert 'listening on http://127.0.0.1:' in lines[0]
     assert lines[-1].endswith(' main stopped')
+
+
+# -- Behind a proxy ------------------------------------------------------------
+
+def proxy_v2(command=0x21, family=0x11, addresses=None, extra=b''):
+    """A PROXY protocol v2 header: 203.0.113.7:51234 to 10.0.0.1:80 by default."""
+    if addresses is None:
+        addresses = (socket.inet_pton(socket.AF_INET, '203.0.113.7')
+                     + socket.inet_pton(socket.AF_INET, '10.0.0.1')
+                     + (51234).to_bytes(2, 'big') + (80).to_bytes(2, 'big'))
+    body = addresses + extra
+    return (kek.PROXY_V2_SIGNATURE + bytes([command, family])
+            + len(body).to_bytes(2, 'big') + body)
+
+
+V6_ADDRESSES = (socket.inet_pton(socket.AF_INET6, '2001:db8::7')
+                + socket.inet_pton(socket.AF_INET6, '2001:db8::1')
+                + (4711).to_bytes(2, 'big') + (443).to_bytes(2, 'big'))
+
+
+@pytest.mark.parametrize('data, found', [
+    (b'PROXY TCP4 203.0.113.7 10.0.0.1 51234 80\r\nGET', (('203.0.113.7', 51234), 42)),
+    (b'PROXY TCP6 2001:db8::7 2001:db8::1 4711 443\r\n', (('2001:db8::7', 4711), 45)),
+    (b'PROXY UNKNOWN\r\n', (None, 15)),
+    (b'PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n', (None, 35)),
+    (b'PROXY TCP4 203.0.113.7 10.0', None),         # more to come
+    (b'PROX', None),
+    (proxy_v2() + b'GET', (('203.0.113.7', 51234), 28)),
+    (proxy_v2(extra=b'\x04\x00\x01x'), (('203.0.113.7', 51234), 32)),  # a TLV
+    (proxy_v2(family=0x21, addresses=V6_ADDRESSES), (('2001:db8::7', 4711), 52)),
+    (proxy_v2(command=0x20), (None, 28)),           # LOCAL: a health check
+    (proxy_v2(family=0x31, addresses=b'/s' * 108), (None, 232)),   # UNIX
+    (proxy_v2()[:15], None),
+    (proxy_v2()[:20], None),
+    (kek.PROXY_V2_SIGNATURE[:5], None),
+    (b'GET /api HTTP/1.1\r\n', (None, 0)),          # no PROXY header at all
+    (b'\r\n\r\nGET', (None, 0)),
+])
+def test_a_proxy_header_names_its_source(data, found):
+    assert kek.proxy_header(bytearray(data)) == found
+
+
+@pytest.mark.parametrize('data, error', [
+    (b'PROXY TCP4 1.2.3.4 5.6.7.8 1 2' + b' ' * 80, 'not ended within 107'),
+    (b'PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n', 'does not parse'),
+    (b'PROXY TCP4 1.2.3.4  5.6.7.8 1 2\r\n', 'does not parse'),
+    (b'PROXY TCP4 1.2.3.999 5.6.7.8 1 2\r\n', 'names no TCP4 address and port'),
+    (b'PROXY TCP4 ::1 ::2 1 2\r\n', 'names no TCP4 address and port'),
+    (b'PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n', 'names no TCP6 address and port'),
+    (b'PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n', 'names no TCP4 address'),
+    (b'PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n', 'names no TCP4 address'),
+    (proxy_v2(command=0x22), 'version and command 0x22'),
+    (proxy_v2(command=0x11), 'version and command 0x11'),
+    (proxy_v2(extra=b'x' * 4096), 'of 4124 bytes, over 4112'),
+    (proxy_v2(addresses=b'x' * 11), 'too short for its addresses: 27 bytes'),
+])
+def test_a_broken_proxy_header_is_refused(data, error):
+    with pytest.raises(kek.Refused, match=re.escape(error)):
+        kek.proxy_header(bytearray(data))
+
+
+@pytest.mark.parametrize('hop, found', [
+    ('203.0.113.7', ('203.0.113.7', None)),
+    ('203.0.113.7:80', ('203.0.113.7', 80)),
+    ('[2001:db8::7]:4711', ('2001:db8::7', 4711)),
+    ('2001:DB8::7', ('2001:db8::7', None)),
+    ('[2001:db8::7]', ('2001:db8::7', None)),
+    ('[203.0.113.7]', None),
+    ('2001:db8::7:80', ('2001:db8::7:80', None)),   # an address, all of it
+    ('unknown', None), ('_hidden', None), ('', None),
+    ('203.0.113.7:65536', None), ('203.0.113.7:080', None),
+    ('999.0.113.7', None), ('1.2.3.4 5', None),
+])
+def test_a_hop_names_an_address_and_maybe_a_port(hop, found):
+    assert kek.hop_address(hop) == found
+
+
+def test_forwarded_gives_each_elements_for_without_its_quotes():
+    assert kek.forwarded_hops(
+        'for=192.0.2.60;proto=http;by=203.0.113.43, For="[2001:db8::17]:4711",'
+        ' proto=https, for="') == ['192.0.2.60', '[2001:db8::17]:4711', None, '"']
+
+
+def test_an_ipv4_address_mapped_into_ipv6_is_trusted_as_itself():
+    networks = kek.networks('10.0.0.0/8')
+    assert kek.trusted('::ffff:10.0.0.5', networks)
+    assert not kek.trusted('::ffff:11.0.0.5', networks)
+    assert not kek.trusted('::1', networks)
+    assert kek.trusted('::1', kek.networks('::1'))
+
+
+def arrival_of(trap, key):
+    [(level, where, message)] = [record for record in trap.chain(key)
+                                 if record[2].startswith(('GET ', 'POST '))]
+    return arrival_fields(message)
+
+
+@pytest.fixture
+def proxied(trap, configure):
+    """A trap that trusts 127.0.0.1, the tests' own address, and 10/8."""
+    configure(TRUSTED_PROXIES='127.0.0.1,10.0.0.0/8')
+    return trap
+
+
+@pytest.mark.parametrize('header, client', [
+    ('X-Forwarded-For: 203.0.113.7', '203.0.113.7'),
+    # The hops a client wrote itself are left of the first untrusted one.
+    ('X-Forwarded-For: 6.6.6.6, 203.0.113.7, 10.0.0.9', '203.0.113.7'),
+    ('X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 203.0.113.7', '203.0.113.7'),
+    ('X-Forwarded-For: 10.0.0.1, 10.0.0.2', '10.0.0.1'),    # all trusted
+    ('X-Forwarded-For: 203.0.113.7:51234', '203.0.113.7:51234'),
+    ('X-Forwarded-For: 2001:db8::7', '[2001:db8::7]'),
+    ('Forwarded: for=203.0.113.7;proto=https', '203.0.113.7'),
+    ('Forwarded: for=6.6.6.6, for="[2001:db8::7]:4711"', '[2001:db8::7]:4711'),
+    # X-Forwarded-For is read before Forwarded.
+    ('Forwarded: for=6.6.6.6\r\nX-Forwarded-For: 203.0.113.7', '203.0.113.7'),
+])
+def test_a_trusted_proxy_names_the_client_and_the_record_shows_both(
+        proxied, header, client):
+    answer, _ = proxied.request(headers=dict(
+        line.split(': ') for line in header.split('\r\n')))
+    # http.client joins nothing: two lines of one name are sent raw instead.
+    key = answer.getheader('X-Request-Id')
+    proxied.wait_chain(key, 3)
+    fields = arrival_of(proxied, key)
+    assert fields['client'] == client
+    assert re.fullmatch(r'127\.0\.0\.1:\d+', fields['via'])
+
+
+def test_two_forwarding_lines_of_one_name_are_read_as_one_list(proxied):
+    with proxied.connect() as sock:
+        sock.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6'
+                     b'\r\nX-Forwarded-For: 203.0.113.7\r\nConnection: close'
+                     b'\r\n\r\n')
+        [(_, head, _)] = parse_responses(recv_until_closed(sock))
+    key = head['X-Request-Id']
+    proxied.wait_chain(key, 3)
+    assert arrival_of(proxied, key)['client'] == '203.0.113.7'
+
+
+@pytest.mark.parametrize('value, why', [
+    ('X-Forwarded-For: junk', 'a hop that is not an address: "junk"'),
+    ('X-Forwarded-For: 203.0.113.7, ', 'a hop that is not an address: ""'),
+    ('Forwarded: for=unknown', 'a hop that is not an address: "unknown"'),
+    ('Forwarded: proto=https', 'an element without for='),
+    ('X-Forwarded-For: ' + ', '.join(['10.0.0.1'] * 33),
+     'more than 32 trusted hops'),
+    ('X-Forwarded-For: 1.1.1.1, token=hunter2', 'a hop that is not an address:'
+     ' "token=<7 bytes>"'),
+])
+def test_a_forwarding_header_that_names_no_client_leaves_the_peer_and_says_so(
+        proxied, value, why):
+    name, _, text = value.partition(': ')
+    answer, _ = proxied.request(headers={name: text})
+    key = answer.getheader('X-Request-Id')
+    chain = proxied.wait_chain(key, 4)
+    fields = arrival_of(proxied, key)
+    assert re.fullmatch(r'127\.0\.0\.1:\d+', fields['client'])
+    assert 'via' not in fields
+    warning = [message for level, _, message in chain if level == 'WARNING']
+    assert warning == ['%s from the trusted proxy %s names no client (%s); the'
+                       ' client shown is the proxy' % (name, fields['client'], why)]
+
+
+def test_a_peer_that_is_not_trusted_is_the_client_whatever_it_claims(
+        trap, configure):
+    configure(TRUSTED_PROXIES='10.0.0.0/8')
+    answer, _ = trap.request(headers={'X-Forwarded-For': '203.0.113.7'})
+    key = answer.getheader('X-Request-Id')
+    trap.wait_chain(key, 3)
+    fields = arrival_of(trap, key)
+    assert re.fullmatch(r'127\.0\.0\.1:\d+', fields['client'])
+    assert 'via' not in fields
+    assert ['X-Forwarded-For', '203.0.113.7'] in fields['headers']
+    data = trap.exchange(b'PROXY TCP4 203.0.113.7 10.0.0.1 51234 80\r\n' + CLOSE)
+    assert b'a PROXY protocol v1 header' in data        # refused, as ever
+
+
+def test_without_trusted_proxies_forwarding_headers_are_only_headers(trap):
+    answer, _ = trap.request(headers={'X-Forwarded-For': '203.0.113.7'})
+    key = answer.getheader('X-Request-Id')
+    trap.wait_chain(key, 3)
+    assert re.fullmatch(r'127\.0\.0\.1:\d+', arrival_of(trap, key)['client'])
+
+
+@pytest.mark.parametrize('header, client', [
+    (b'PROXY TCP4 203.0.113.7 10.0.0.1 51234 80\r\n', '203.0.113.7:51234'),
+    (b'PROXY TCP6 2001:db8::7 2001:db8::1 4711 443\r\n', '[2001:db8::7]:4711'),
+    (proxy_v2(), '203.0.113.7:51234'),
+    (proxy_v2(family=0x21, addresses=V6_ADDRESSES), '[2001:db8::7]:4711'),
+])
+def test_a_proxy_header_from_a_trusted_peer_names_the_client_of_each_request(
+        proxied, header, client):
+    with proxied.connect() as sock:
+        for piece in (header[:3], header[3:] + H[:5], H[5:] + b'\r\n' + CLOSE):
+            sock.sendall(piece)         # in pieces: told apart as they come
+            time.sleep(0.02)
+        answers = parse_responses(recv_until_closed(sock))
+    keys = [head['X-Request-Id'] for _, head, _ in answers]
+    assert len(keys) == 2
+    for key in keys:
+        proxied.wait_chain(key, 3)
+        fields = arrival_of(proxied, key)
+        assert (fields['client'], fields['via'][:10]) == (client, '127.0.0.1:')
+
+
+def test_a_proxy_header_naming_a_trusted_hop_lets_forwarding_headers_name_the_client(
+        proxied):
+    data = proxied.exchange(b'PROXY TCP4 10.0.0.5 10.0.0.1 40112 80\r\nGET /api'
+                            b' HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.7'
+                            b'\r\nConnection: close\r\n\r\n')
+    [(_, head, _)] = parse_responses(data)
+    key = head['X-Request-Id']
+    proxied.wait_chain(key, 3)
+    fields = arrival_of(proxied, key)
+    assert (fields['client'], fields['via'][:10]) == ('203.0.113.7', '127.0.0.1:')
+
+
+def test_a_proxy_header_naming_no_source_leaves_the_peer_as_the_client(proxied):
+    data = proxied.exchange(proxy_v2(command=0x20) + CLOSE)
+    [(_, head, _)] = parse_responses(data)
+    proxied.wait_chain(head['X-Request-Id'], 3)
+    fields = arrival_of(proxied, head['X-Request-Id'])
+    assert fields['client'][:10] == '127.0.0.1:' and 'via' not in fields
+
+
+def test_a_broken_proxy_header_from_a_trusted_peer_is_refused_under_a_key(
+        proxied):
+    data = proxied.exchange(b'PROXY TCP4 1.2.3.999 5.6.7.8 1 2\r\n' + CLOSE)
+    [(status, head, _)] = parse_responses(data)
+    assert status == 'HTTP/1.1 200 OK'
+    chain = proxied.wait_chain(head['X-Request-Id'], 2)
+    assert chain[0][:2] == ('ERROR', 'handler')
+    assert re.fullmatch(r'client=127\.0\.0\.1:\d+ refused: PROXY protocol v1'
+                        r' header from a trusted proxy names no TCP4 address and'
+                        r' port: PROXY TCP4 1\.2\.3\.999 5\.6\.7\.8 1 2', chain[0][2])
+
+
+def test_a_stalled_proxy_header_is_refused_at_the_deadline(proxied, fast):
+    with proxied.connect() as sock:
+        sock.sendall(b'PROXY TCP4 203.0.')
+        [(_, head, _)] = parse_responses(recv_until_closed(sock))
+    chain = proxied.wait_chain(head['X-Request-Id'], 2)
+    assert chain[0][2].endswith(' refused: request head not complete within'
+                                ' 0.3 s (17 bytes received)')
+
+
+def test_a_trusted_peer_that_sends_nothing_is_closed_without_a_record(
+        proxied, fast):
+    with proxied.connect() as sock:
+        assert recv_until_closed(sock) == b''
+    assert proxied.keys() == []
+
+
+def test_json_arrival_has_the_client_and_the_proxy_as_fields(
+        json_trap, configure):
+    configure(TRUSTED_PROXIES='127.0.0.1')
+    answer, _ = json_trap.request(headers={'X-Forwarded-For': '203.0.113.7'})
+    key = answer.getheader('X-Request-Id')
+    wait_for(lambda: sum(key in line for line in json_trap.lines()) >= 3)
+    [arrival] = [json.loads(line) for line in json_trap.lines()
+                 if key in line and '"url"' in line]
+    assert arrival['client'] == '203.0.113.7'
+    assert arrival['via'].startswith('127.0.0.1:')
+
+
+# -- Quiet paths ---------------------------------------------------------------
+
+@pytest.fixture
+def quiet_trap(trap, configure, monkeypatch):
+    configure(LOG_SKIP='/healthz,/ping')
+    monkeypatch.setattr(kek, 'QUIET', kek.QuietCounts())
+    return trap
+
+
+def test_a_plain_get_to_a_quiet_path_is_answered_and_only_counted(quiet_trap):
+    keys = []
+    for url in ('/healthz', '/healthz', '/ping'):
+        answer, data = quiet_trap.request(url=url)
+        assert answer.status == 200
+        assert error_body(data) == ['path %s is not /api' % url]
+        keys.append(answer.getheader('X-Request-Id'))
+    answer, _ = quiet_trap.request()            # a request seen, after them
+    quiet_trap.wait_chain(answer.getheader('X-Request-Id'), 5)
+    assert all(quiet_trap.chain(key) == [] for key in keys)
+    kek.QUIET.since -= 10
+    kek.QUIET.report(time.monotonic())
+    kek.flush_log()
+    reports = [line.split(' main ', 1)[1] for line in quiet_trap.lines()
+               if ' main skipped' in line]
+    assert reports == ['skipped 2 requests to /healthz in the last 10 s',
+                       'skipped 1 request to /ping in the last 10 s']
+    kek.QUIET.report(time.monotonic())          # nothing new: nothing said
+    kek.flush_log()
+    assert len([line for line in quiet_trap.lines() if ' skipped ' in line]) == 2
+
+
+@pytest.mark.parametrize('method, url, body', [
+    ('GET', '/healthz?invalid=1', None),
+    ('POST', '/healthz', b'x'),
+    ('HEAD', '/healthz', None),
+    ('GET', '/healthz/', None),                 # exact paths only
+    ('GET', '/api', None),
+])
+def test_a_request_to_a_quiet_path_with_any_other_error_is_logged_in_full(
+        quiet_trap, method, url, body):
+    answer, _ = quiet_trap.request(method, url, body=body)
+    key = answer.getheader('X-Request-Id')
+    chain = quiet_trap.wait_chain(key, 3)
+    assert chain[-1][2].startswith('responded 200')
+    assert kek.QUIET.counts == {}
+
+
+def test_quiet_paths_are_counted_at_stop(tmp_path):
+    kek_process = Process(tmp_path, env={'LOG_SKIP': '/healthz'})
+    kek_process.wait_listening()
+    for _ in range(3):
+        kek_process.get('/healthz')
+    status, _, _ = kek_process.stop()
+    lines = kek_process.log_path.read_text().splitlines()
+    assert status == 0 and len(lines) == 3
+    assert re.fullmatch(r'%s \+\d+\.\d{3}ms INFO  main skipped 3 requests to'
+                        r' /healthz in the last \d+ s' % KEY, lines[1])
+
+
+def test_the_loop_reports_quiet_counts_every_interval(quiet_trap, monkeypatch):
+    monkeypatch.setattr(kek, 'QUIET_REPORT_INTERVAL', 0.05)
+    quiet_trap.request(url='/ping')
+    wait_for(lambda: any(' main skipped 1 request to /ping in the last 0 s'
+                         in line for line in quiet_trap.lines()))
