@@ -5564,6 +5564,7 @@ def test_a_broken_proxy_header_is_refused(data, error):
     ('[2001:db8::7]', ('2001:db8::7', None)),
     ('[203.0.113.7]', None),
     ('2001:db8::7:80', ('2001:db8::7:80', None)),   # an address, all of it
+    ('0000:0000:0000:0000:0000:ffff:192.168.100.200:4711', None),  # no []
     ('unknown', None), ('_hidden', None), ('', None),
     ('203.0.113.7:65536', None), ('203.0.113.7:080', None),
     ('999.0.113.7', None), ('1.2.3.4 5', None),
