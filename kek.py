@@ -774,30 +774,114 @@ def body_reader(request):
     return LengthReader(size) if size else None
 
 
-class Body:
-    """What the log shows of a request body, fed the decoded bytes as they
-    arrive: size, SHA-256, the first `keep` bytes, the parts of a
-    multipart/form-data body, and the MACs of its signatures.  The body
-    itself is never kept, so a connection's memory is bounded by `keep`."""
+# Content codings decoded for a body's record (RFC 9110 8.4.1), and how
+# zlib reads each: gzip's members, and deflate, which RFC 9110 means
+# zlib-wrapped but some senders send raw (browsers read both).
+DECODED_CODINGS = {'gzip': 16 + zlib.MAX_WBITS, 'x-gzip': 16 + zlib.MAX_WBITS,
+                   'deflate': zlib.MAX_WBITS}
+RAW_DEFLATE_BITS = -zlib.MAX_WBITS
+DECODED_STEP = 64 * 1024        # decoded bytes made at a time: what a bomb
+                                # costs a connection's memory at most
 
-    def __init__(self, keep, parts=None, signatures=None):
+
+def zlib_wrapped(head):
+    """Whether two bytes begin a zlib stream (RFC 1950 2.2): method 8, and
+    a check that makes them a multiple of 31."""
+    return head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
+
+
+class Decoder:
+    """Decodes a body's Content-Encoding as its bytes arrive, for its
+    record only: size, the first `keep` bytes.  It stops past MAX_BODY_BYTES
+    decoded, so a decompression bomb costs no more than any body, and at the
+    first error, after which the body is shown as it came."""
+
+    def __init__(self, coding, keep):
+        self.coding = coding
+        self.keep = keep
+        self.size = 0
+        self.preview = bytearray()
+        self.over = False           # passed MAX_BODY_BYTES: decoded no further
+        self.error = None           # why the bytes do not decode, once known
+        self.head = b''             # deflate's first bytes, to tell its wrapper
+        self.stream = None
+        if coding != 'deflate':
+            self.stream = zlib.decompressobj(DECODED_CODINGS[coding])
+
+    def decode(self, data):
+        """Yield the decoded bytes of data, DECODED_STEP at most at a time."""
+        if self.stream is None:
+            data = self.head + data
+            if len(data) < 2:
+                self.head = data
+                return
+            self.head = b''
+            self.stream = zlib.decompressobj(
+                zlib.MAX_WBITS if zlib_wrapped(data) else RAW_DEFLATE_BITS)
+        while data and not self.over and self.error is None:
+            if self.stream.eof:     # gzip: another member may follow
+                if self.coding == 'deflate':
+                    self.error = 'bytes after the end of its deflate stream'
+                    return
+                self.stream = zlib.decompressobj(DECODED_CODINGS['gzip'])
+            try:
+                out = self.stream.decompress(
+                    data, min(DECODED_STEP, MAX_BODY_BYTES + 1 - self.size))
+            except zlib.error as error:
+                self.error = str(error)
+                return
+            data = self.stream.unconsumed_tail or self.stream.unused_data
+            self.size += len(out)
+            self.over = self.size > MAX_BODY_BYTES
+            if len(self.preview) < self.keep:
+                self.preview += out[:self.keep - len(self.preview)]
+            yield out
+
+    def finish(self):
+        """Once the body is whole: say if its compressed stream was cut."""
+        if self.error is None and not self.over and (
+                self.stream is None or not self.stream.eof):
+            self.error = 'the body ends before its %s stream' % self.coding
+
+
+def body_coding(request):
+    """The body's Content-Encoding, lowercased, or None for identity."""
+    coding = request.headers.get('content-encoding', 'identity')
+    coding = coding.strip(' \t').lower()
+    return None if coding == 'identity' else coding
+
+
+class Body:
+    """What the log shows of a request body, fed its bytes as they arrive
+    (the framing's, not its Content-Encoding's): size, SHA-256, the first
+    `keep` bytes, the parts of a multipart/form-data body, the MACs of its
+    signatures, and through a Decoder what its gzip or deflate decodes to.
+    The body itself is never kept, so a connection's memory is bounded by
+    `keep` (and DECODED_STEP)."""
+
+    def __init__(self, keep, parts=None, signatures=None, decoder=None):
         self.size = 0
         self.sha256 = hashlib.sha256()
         self.keep = keep
         self.preview = bytearray()
         self.parts = parts          # a MultipartReader, or None
         self.signatures = signatures    # Signatures, or None
+        self.decoder = decoder      # a Decoder, or None
 
     def add(self, data):
         self.size += len(data)
         self.sha256.update(data)
         if len(self.preview) < self.keep:
             self.preview += data[:self.keep - len(self.preview)]
-        if self.parts is not None:
-            self.parts.add(data)
         if self.signatures:
             for signature in self.signatures:
-                signature.add(data)
+                signature.add(data)     # a signature covers what was sent
+        if self.decoder is not None:
+            for decoded in self.decoder.decode(data):
+                if self.parts is not None:
+                    self.parts.add(decoded)
+        elif self.parts is not None:
+            self.parts.add(data)
 
 
 BOUNDARY = re.compile(r';[ \t]*boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))',
@@ -2735,19 +2819,35 @@ def log_body(request):
     may show (body_fields()), or the summary of its parts."""
     body = request.body
     content_type = request.headers.get('content-type', '')
-    coding = request.headers.get('content-encoding', 'identity').lower()
+    coding = body_coding(request)
     fields = {'body_bytes': body.size, 'content_type': shown_free(content_type),
               'sha256': body.sha256.hexdigest()}
-    if body.parts is not None:
+    decoder = body.decoder
+    size, preview = body.size, body.preview
+    if decoder is not None:
+        decoder.finish()
+        fields['content_encoding'] = coding
+        if decoder.error is not None:
+            fields['decode_error'] = decoder.error
+        else:
+            size, preview = decoder.size, decoder.preview
+            fields['decoded_bytes'] = size
+            if decoder.over:
+                fields['decoded_over'] = MAX_BODY_BYTES
+    if body.parts is not None and (decoder is None or decoder.error is None):
         fields.update(shown_parts(body.parts))
-    elif body.keep and coding != 'identity':    # bytes no rule can read
+    elif body.keep and coding is not None and decoder is None:
+        # bytes no rule can read
         fields['preview_binary'] = 'not shown: encoded as %s' % shown(coding)
     elif body.keep:
-        cut = body.size > len(body.preview)
-        fields.update(body_fields(bytes(body.preview),
-                                  media_type(content_type), cut))
+        cut = size > len(preview)
+        fields.update(body_fields(bytes(preview), media_type(content_type), cut))
         if cut:
-            fields['preview_bytes'] = len(body.preview)
+            fields['preview_bytes'] = len(preview)
+        if 'decode_error' in fields and 'preview_base64' in fields:
+            # a cut or damaged stream still inflates, past every rule
+            fields['preview_binary'] = 'not shown: %s that does not decode' % coding
+            del fields['preview_base64']
     request.log.record('body', 'body %d bytes' % body.size, fields)
 
 
@@ -2755,9 +2855,18 @@ def body_text(record):
     """The body record on a text line: its type, and its form, preview or
     parts, as JSON."""
     fields = record.fields
-    text = 'body %d bytes type=%s sha256=%s' % (
-        fields['body_bytes'], json_text(fields['content_type']),
-        fields['sha256'])
+    text = 'body %d bytes' % fields['body_bytes']
+    if 'decode_error' in fields:
+        text += ' %s that does not decode (%s): shown as it came' % (
+            fields['content_encoding'], fields['decode_error'])
+    elif 'decoded_over' in fields:
+        text += ' %s decoded to over %d bytes, decoded no further' % (
+            fields['content_encoding'], fields['decoded_over'])
+    elif 'content_encoding' in fields:
+        text += ' %s decoded to %d bytes' % (fields['content_encoding'],
+                                             fields['decoded_bytes'])
+    text += ' type=%s sha256=%s' % (json_text(fields['content_type']),
+                                    fields['sha256'])
     for name in ('form', 'preview', 'preview_base64', 'preview_binary', 'parts'):
         if name in fields:
             text += ' %s=%s' % (name, json_text(fields[name]))
@@ -3343,9 +3452,16 @@ def log_preflight(request):
 
 def body_of(request):
     """The Body that is fed the request's body: LOG_BODY bytes of it, the
-    parts if it is multipart/form-data, the signatures it carries."""
-    return Body(SETTINGS.log_body, multipart_reader(request),
-                signatures_of(request))
+    parts if it is multipart/form-data, the signatures it carries, and a
+    Decoder if it is sent gzip or deflate.  A body in any other coding has
+    no parts: none could be read from its bytes."""
+    coding = body_coding(request)
+    decoder = parts = None
+    if coding in DECODED_CODINGS:
+        decoder = Decoder(coding, SETTINGS.log_body)
+    if coding is None or decoder is not None:
+        parts = multipart_reader(request)
+    return Body(SETTINGS.log_body, parts, signatures_of(request), decoder)
 
 
 # A connection's states.  A connection moves only as MOVES allows (h11's

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 import random
 import tracemalloc
 from urllib.parse import parse_qs, quote, quote_plus
@@ -5235,14 +5236,189 @@ def test_a_header_line_without_its_colon_shows_its_size_at_headers_off(
     assert kek.shown_header_line(b'X-Thing SEKRET-9x') == '17 bytes, a header line'
 
 
-def test_an_encoded_body_is_not_shown_in_base64(trap):
-    """The hunt: a gzip body's base64 was the secret, compressed."""
+def encoded(body, coding, content_type=b'application/json', chunked=False):
+    """A POST of body with Content-Encoding: coding, that closes."""
+    data = post(b'/api', body, content_type).replace(
+        b'Host: x\r\n', b'Host: x\r\nContent-Encoding: %s\r\n' % coding)
+    if chunked:     # the same body in chunks of 7 bytes
+        head, body = data.split(b'\r\n\r\n', 1)
+        head = re.sub(rb'Content-Length: \d+', b'Transfer-Encoding: chunked', head)
+        data = head + b'\r\n\r\n' + b''.join(
+            b'%x\r\n%s\r\n' % (len(body[at:at + 7]), body[at:at + 7])
+            for at in range(0, len(body), 7)) + b'0\r\n\r\n'
+    return data
+
+
+def raw_deflate(data):
+    stream = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return stream.compress(data) + stream.flush()
+
+
+def test_a_body_in_an_unknown_coding_is_not_shown_in_base64(trap):
+    """The hunt: a gzip body's base64 was the secret, compressed; bytes of
+    a coding kek does not decode are still read by no rule."""
     body = gzip.compress(b'{"password": "SEKRET-9x"}')
-    data = post(b'/api', body, b'application/json').replace(
-        b'Host: x\r\n', b'Host: x\r\nContent-Encoding: gzip\r\n')
-    records = records_of(trap, data)
-    assert 'preview_binary="not shown: encoded as gzip"' in records
+    records = records_of(trap, encoded(body, b'br'))
+    assert 'preview_binary="not shown: encoded as br"' in records
     assert base64.b64encode(body).decode()[:12] not in records
+
+
+def test_a_multipart_body_in_an_unknown_coding_shows_no_parts(trap):
+    records = records_of(trap, encoded(
+        MULTIPART, b'zstd', b'multipart/form-data; boundary=XyZ'))
+    assert 'preview_binary="not shown: encoded as zstd"' in records
+    assert 'parts=' not in records
+
+
+COMPRESSED = [
+    ('gzip', gzip.compress),
+    ('x-gzip', gzip.compress),
+    ('deflate', zlib.compress),         # zlib-wrapped, as RFC 9110 says
+    ('deflate', raw_deflate),           # raw, as some senders send it
+    ('GZip', gzip.compress),            # codings are case-insensitive
+]
+
+
+@pytest.mark.parametrize('chunked', [False, True], ids=['length', 'chunked'])
+@pytest.mark.parametrize('coding, compress', COMPRESSED,
+                         ids=['gzip', 'x-gzip', 'deflate', 'raw-deflate', 'GZip'])
+def test_a_compressed_body_is_shown_decoded_under_the_same_rules(
+        trap, coding, compress, chunked):
+    plain = b'{"password": "SEKRET-9x", "event": "push"}'
+    body = compress(plain)
+    records = records_of(trap, encoded(body, coding.encode(), chunked=chunked))
+    assert 'body %d bytes %s decoded to %d bytes type="application/json" ' \
+        'sha256=%s preview="{\\"password\\": \\"<9 bytes>\\", ' \
+        '\\"event\\": \\"push\\"}"' % (
+            len(body), coding.lower(), len(plain), sha(body)) in records
+    assert 'SEKRET' not in records
+
+
+def test_a_compressed_body_has_both_sizes_and_its_encoding_in_json(json_trap):
+    plain = b'a=1&token=SEKRET-9x'
+    body = gzip.compress(plain)
+    with json_trap.connect() as sock:
+        sock.sendall(encoded(body, b'gzip', b'application/x-www-form-urlencoded'))
+        recv_until_closed(sock)
+    [record] = wait_for(lambda: [json.loads(line) for line in json_trap.lines()
+                                 if '"sha256"' in line])
+    assert (record['body_bytes'], record['content_encoding'],
+            record['decoded_bytes'], record['sha256'], record['form']) == (
+        len(body), 'gzip', len(plain), sha(body),
+        {'a': ['1'], 'token': ['<9 bytes>']})
+    assert 'decoded_over' not in record and 'decode_error' not in record
+
+
+def test_gzip_members_one_after_another_decode_as_one_body(trap):
+    body = gzip.compress(b'a=1&') + gzip.compress(b'token=SEKRET-9x')
+    records = records_of(trap, encoded(
+        body, b'gzip', b'application/x-www-form-urlencoded'))
+    assert 'gzip decoded to 19 bytes' in records
+    assert 'form={"a": ["1"], "token": ["<9 bytes>"]}' in records
+
+
+def test_a_compressed_multipart_body_shows_its_parts(trap):
+    records = records_of(trap, encoded(
+        gzip.compress(MULTIPART), b'gzip', b'multipart/form-data; boundary=XyZ'))
+    assert 'gzip decoded to %d bytes' % len(MULTIPART) in records
+    assert '{"name": "user", "bytes": 3, "value": "ann"}' in records
+    assert 'S3CR3T' not in records
+
+
+def test_a_decompression_bomb_is_decoded_to_the_body_limit_only(trap):
+    """10 MB of zeros in about 10 KB: answered at once, and decoded no
+    further than any body may be."""
+    body = gzip.compress(bytes(10 * 1000 * 1000))
+    assert len(body) < 11 * 1000
+    records = records_of(trap, encoded(body, b'gzip', b'application/octet-stream'))
+    assert 'body %d bytes gzip decoded to over %d bytes, decoded no further' % (
+        len(body), kek.MAX_BODY_BYTES) in records
+    assert 'responded 200' in records
+
+
+def test_a_bomb_costs_a_decoder_one_step_of_memory_at_a_time():
+    body = gzip.compress(bytes(10 * 1000 * 1000))
+    decoder = kek.Decoder('gzip', 1024)
+    steps = [len(out) for at in range(0, len(body), 4096)
+             for out in decoder.decode(body[at:at + 4096])]
+    assert max(steps) == kek.DECODED_STEP
+    assert sum(steps) == decoder.size == kek.MAX_BODY_BYTES + 1
+    assert decoder.over and bytes(decoder.preview) == bytes(1024)
+    decoder.finish()
+    assert decoder.error is None
+
+
+def test_a_bomb_leaves_the_servers_memory_flat(trap):
+    body = gzip.compress(bytes(10 * 1000 * 1000))
+    tracemalloc.start()
+    try:
+        records_of(trap, encoded(body, b'gzip', b'application/octet-stream'))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * kek.DECODED_STEP + 512 * 1024     # not 10 MB, not 1 MiB
+
+
+def test_a_body_decoded_byte_by_byte_is_the_same(trap):
+    plain = b'{"x": "%s"}' % (b'y' * 5000)
+    for compress, coding in ((gzip.compress, 'gzip'), (zlib.compress, 'deflate'),
+                             (raw_deflate, 'deflate')):
+        decoder = kek.Decoder(coding, 64)
+        body = compress(plain)
+        out = b''.join(b''.join(decoder.decode(body[at:at + 1]))
+                       for at in range(len(body)))
+        decoder.finish()
+        assert (out, decoder.size, decoder.error) == (plain, len(plain), None)
+        assert bytes(decoder.preview) == plain[:64]
+
+
+def test_bytes_that_are_not_gzip_are_said_and_shown_as_they_came(trap):
+    records = records_of(trap, encoded(b'plain text, not gzip', b'gzip',
+                                       b'text/plain'))
+    assert 'body 20 bytes gzip that does not decode (Error -3 while ' \
+        'decompressing data: incorrect header check): shown as it came ' \
+        'type="text/plain"' in records
+    assert 'preview="plain text, not gzip"' in records
+
+
+@pytest.mark.parametrize('coding, body, error', [
+    (b'gzip', gzip.compress(b'{"password": "SEKRET-9x"}')[:-4],
+     'the body ends before its gzip stream'),
+    (b'deflate', zlib.compress(b'{"password": "SEKRET-9x"}')[:-1],
+     'the body ends before its deflate stream'),
+    (b'deflate', b'\x9c', 'the body ends before its deflate stream'),
+    (b'deflate', zlib.compress(b'{"password": "SEKRET-9x"}') + b'more',
+     'bytes after the end of its deflate stream'),
+    (b'gzip', gzip.compress(b'{"password": "SEKRET-9x"}')[:-8] + bytes(8),
+     'Error -3 while decompressing data: incorrect data check'),
+])
+def test_a_cut_or_damaged_stream_is_said_and_never_shown_in_base64(
+        trap, coding, body, error):
+    """A cut stream still inflates: its base64 would be the secret."""
+    records = records_of(trap, encoded(body, coding, b'application/octet-stream'))
+    assert '%s that does not decode (%s): shown as it came' % (
+        coding.decode(), error) in records
+    assert 'preview_binary="not shown: %s that does not decode"' % \
+        coding.decode() in records
+    assert base64.b64encode(body).decode()[:12] not in records
+
+
+def test_a_signature_covers_the_compressed_bytes_as_they_came(trap, configure):
+    configure(WEBHOOK_SECRET='s')
+    body = gzip.compress(b'{"zen": "Keep it logically awesome."}')
+    headers = dict(github(b's', body, 0), **{'Content-Encoding': 'gzip'})
+    key = trap.request('POST', body=body, headers=headers)[0].getheader(
+        'X-Request-Id')
+    assert signatures(trap, key) == ['signature ok: github']
+
+
+def test_at_log_body_0_a_compressed_body_shows_both_sizes_only(trap,
+                                                               monkeypatch):
+    monkeypatch.setattr(kek.SETTINGS, 'log_body', 0)
+    body = gzip.compress(b'{"event": "push"}')
+    records = records_of(trap, encoded(body, b'gzip'))
+    assert 'body %d bytes gzip decoded to 17 bytes type="application/json" ' \
+        'sha256=%s\n' % (len(body), sha(body)) in records + '\n'
 
 
 def test_a_utf16_body_that_names_a_secret_is_not_shown_in_base64(trap):
