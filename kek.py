@@ -11,10 +11,13 @@ How it works.  One thread runs a selectors loop over every connection.  A
 round of the loop (Server.round()) takes the bytes that arrived and serves
 the requests they complete, at most MAX_REQUESTS_A_TURN a connection, checks
 deadlines, writes the round's log records, then sends the answers: a client
-that got its answer can find its whole chain in the log.  At its connection
-limit, or out of file descriptors, it closes the connection that has made
-the least recent progress.  Slow or idle clients cost a little memory and no
-thread; each connection's deadline() is checked every SWEEP_INTERVAL.
+that got its answer can find its whole chain in the log.  While the log
+cannot take writes (LogWriter is WAITING) a round is Server.wait_for_log():
+nothing is read or sent until it can.  At its connection limit, or out of
+file descriptors, it closes the connection that makes the least progress (an
+idle or trickling one before a body above MIN_BODY_RATE).  Slow or idle
+clients cost a little memory and no thread; each connection's deadline() is
+checked every SWEEP_INTERVAL.
 
 A connection is a Connection, a BaseHTTPRequestHandler fed from memory: the
 stock handle_one_request() gets one complete request head at a time and
@@ -64,9 +67,11 @@ import logging
 import os
 import re
 import resource
+import select
 import selectors
 import signal
 import socket
+import stat
 import sys
 import textwrap
 import threading
@@ -125,6 +130,12 @@ RECV_BYTES = MAX_HEAD_BYTES + 1  # a head, and the byte that makes it too long:
 MAX_PENDING_OUTPUT = 64 * 1024  # unsent answers before a client's requests wait
 RESERVED_FDS = 16               # descriptors kept for the log, the listener...
 LOG_FLUSH_BYTES = 256 * 1024    # records written in a round before its end
+# When the log cannot take writes (SPEC 5, the log under faults).
+MAX_PENDING_LOG_BYTES = 16 * 1024 * 1024   # records kept while they wait:
+                                # reading stops, so only a round's and the
+                                # closes' records come; past it, counted
+LOG_RETRY_INTERVAL = 1.0        # seconds between tries (the SPEC says 2 at most)
+LOG_GIVE_UP = 60.0              # seconds of a log that fails before kek stops
 
 
 # Each setting, declared once (Setting): its variable, its argument if it
@@ -2981,12 +2992,52 @@ class JsonFormatter(TextFormatter):
         return line + '}'
 
 
+# The writer's states.  While the log cannot take writes its records wait,
+# in order, and so does the loop (Server.wait_for_log()).
+WRITING = 'writing'     # every record so far is written
+WAITING = 'waiting'     # records wait: the log failed, or a pipe was full
+SHUT = 'shut'           # closed: what still waits is counted, not written
+
+
+def ends_its_last_line(fd, path):
+    """False if the regular file at fd has a last line that was cut (a
+    crash, a full disk): the next record then needs a newline first."""
+    held = os.fstat(fd)
+    if not stat.S_ISREG(held.st_mode) or not held.st_size:
+        return True
+    try:
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return True         # unreadable to kek: nothing to be done
+    try:
+        found = os.fstat(reader)
+        if (found.st_dev, found.st_ino) != (held.st_dev, held.st_ino):
+            return True
+        return os.pread(reader, 1, found.st_size - 1) in (b'\n', b'')
+    finally:
+        os.close(reader)
+
+
+def identity(path):
+    """The device and inode of the symlink at path, or None if none is."""
+    try:
+        found = os.lstat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino) if stat.S_ISLNK(found.st_mode) else None
+
+
 class LogWriter(logging.Handler):
-    """Gathers formatted records; flush() writes them all with one write().
+    """Gathers formatted records; flush() writes them with one write().
 
     The loop calls flush() once a round, before it sends that round's answers.
-    LOG_FILE is reopened when logrotate has moved it away.  A destination that
-    fails is reported once on standard error and the server goes on answering.
+    LOG_FILE is reopened when logrotate has moved it away.  No write and no
+    open can block the loop: a pipe is written without blocking, and a
+    FIFO at LOG_FILE is opened so.  What a write does not take waits, in
+    order, in `pending` (a record cut part-way is finished first), and the
+    writer is WAITING until all of it is written: the loop then reads no
+    request and sends no answer, and retries.  The failure is said once on
+    standard error, its end in a record.
     """
 
     def __init__(self, path=None):
@@ -2994,16 +3045,42 @@ class LogWriter(logging.Handler):
         self.path = path
         self.lines = []
         self.size = 0               # characters in lines
-        self.failing = False
-        self.lost = 0
+        self.pending = bytearray()  # encoded records not yet written
+        self.pending_records = 0
+        self.cut = False            # pending begins in the middle of a record
+        self.state = WRITING
+        self.error = None           # why the last write or open failed
+        self.failed_at = None       # when the log began to fail
+        self.waited = 0             # records that waited since
+        self.dropped = 0            # records dropped past MAX_PENDING_LOG_BYTES
         self.reopen_requested = False
-        self.fd = 1 if path is None else self.open()
+        self.was_blocking = None    # standard output's mode, to give back
+        if path is None:
+            self.fd = 1
+            mode = os.fstat(1).st_mode
+            if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+                self.was_blocking = os.get_blocking(1)
+                os.set_blocking(1, False)
+        else:
+            self.fd = self.open(follow=True)
 
-    def open(self):
-        """Open LOG_FILE, and note which file it is (its device and inode)."""
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    def open(self, follow=False):
+        """Open LOG_FILE without blocking (a FIFO with no reader fails at
+        once), and note which file it is (its device and inode).  A symlink
+        at the path is followed only if it is the one the first open found:
+        one put there later may be there to send client text into another
+        file."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
+        link = identity(self.path)
+        if follow:
+            self.link = link
+        elif link is None or link != self.link:
+            flags |= os.O_NOFOLLOW
+        fd = os.open(self.path, flags, 0o644)
         opened = os.fstat(fd)
         self.opened = (opened.st_dev, opened.st_ino)
+        if not ends_its_last_line(fd, self.path):
+            self.pending[:0] = b'\n'     # pending begins a record: never cut
         return fd
 
     def emit(self, record):
@@ -3024,29 +3101,81 @@ class LogWriter(logging.Handler):
     handle = emit
 
     def flush(self):
+        """Write the records gathered, after any that wait.  One thread at
+        a time: another's records may pass LOG_FLUSH_BYTES meanwhile."""
+        with self.lock:
+            if self.state is not SHUT:  # (logging.shutdown() flushes at exit)
+                self.write_gathered()
+
+    def write_gathered(self):
         lines = self.lines
         self.lines = []
         self.size = 0
-        if self.path is not None and (lines or self.reopen_requested):
-            self.reopen_if_moved()
-        if not lines:
-            return
-        data = ('\n'.join(lines) + '\n').encode('utf-8', 'backslashreplace')
+        if lines:
+            data = ('\n'.join(lines) + '\n').encode('utf-8', 'backslashreplace')
+            if self.state is WAITING and (
+                    len(self.pending) + len(data) > MAX_PENDING_LOG_BYTES):
+                self.dropped += len(lines)      # said when writing works
+            else:
+                self.pending += data
+                self.pending_records += len(lines)
+                if self.state is WAITING:
+                    self.waited += len(lines)
+        if self.path is not None and not self.cut and (
+                self.pending or self.reopen_requested):
+            try:
+                self.reopen_if_moved()
+            except OSError as error:
+                self.fail(error)
+                return
         try:
-            while data:
-                data = data[os.write(self.fd, data):]
-        except OSError as error:
-            self.lost += len(lines)
-            if not self.failing:
-                self.failing = True
-                report('cannot write the log to %s: %s; dropping records until'
-                       ' it works again' % (self.destination(), error))
+            while self.pending:
+                written = os.write(self.fd, self.pending)
+                self.cut = self.pending[written - 1] != 0x0A
+                del self.pending[:written]
+        except OSError as error:        # BlockingIOError (EAGAIN) too
+            self.fail(error)
             return
-        if self.failing:
-            report('writing the log to %s works again; %d records were lost'
-                   % (self.destination(), self.lost))
-            self.failing = False
-            self.lost = 0
+        self.pending_records = 0
+        if self.state is WAITING:
+            self.recover()
+
+    def waiting(self):
+        """True while records wait for the log: nothing may be answered."""
+        return self.state is WAITING
+
+    def fail(self, error):
+        """A write or an open failed: records wait.  Said once."""
+        self.error = error
+        if self.state is WRITING:
+            self.state = WAITING
+            self.failed_at = time.monotonic()
+            self.waited = self.pending_records
+            report('cannot write the log to %s: %s; not reading requests'
+                   ' until it works again' % (self.destination(), error))
+
+    def recover(self):
+        """Every waiting record is written: say for how long it could not
+        be, in a main record and on standard error."""
+        self.state = WRITING
+        message = 'the log could not be written for %.1f s (%s); %d records' \
+            ' waited' % (time.monotonic() - self.failed_at, self.error,
+                         self.waited)
+        if self.dropped:
+            message += ', and %d more were dropped past %s waiting' % (
+                self.dropped, in_bytes(MAX_PENDING_LOG_BYTES))
+            self.dropped = 0
+        report('writing the log to %s works again' % self.destination())
+        server_log().warning(message)
+        self.flush()
+
+    def failing_for(self, now):
+        """Seconds the log has not taken writes, or 0."""
+        return now - self.failed_at if self.state is WAITING else 0.0
+
+    def unwritten(self):
+        """Records that could not be written, to say at stop."""
+        return self.pending_records + self.dropped
 
     def destination(self):
         return 'standard output' if self.path is None else self.path
@@ -3059,7 +3188,8 @@ class LogWriter(logging.Handler):
         """Before every write: if LOG_FILE is no longer the file we hold
         (logrotate renamed or removed it, maybe creating a new one), open
         the path anew, so that no record lands in a rotated file.  One stat
-        a loop round."""
+        a loop round.  An open that fails (the folder is gone, a symlink is
+        at the path) raises OSError: the log fails until it can be opened."""
         try:
             current = os.stat(self.path)
             current = (current.st_dev, current.st_ino)
@@ -3067,24 +3197,35 @@ class LogWriter(logging.Handler):
             current = None
         if not self.reopen_requested and current == self.opened:
             return
+        fd = self.open()
         self.reopen_requested = False
-        try:
-            fd = self.open()
-        except OSError:
-            return          # keep writing where we were
         os.close(self.fd)
         self.fd = fd
 
     def close(self):
         self.flush()
+        self.state = SHUT
+        self.pending = bytearray()
         if self.path is not None:
             os.close(self.fd)
+        elif self.was_blocking is not None:
+            os.set_blocking(1, self.was_blocking)
         super().close()
+
+
+def log_writers():
+    return [handler for handler in LOGGER.handlers
+            if isinstance(handler, LogWriter)]
 
 
 def flush_log():
     for handler in LOGGER.handlers:
         handler.flush()
+
+
+def log_waiting():
+    """True while any log has records waiting: nothing may be answered."""
+    return any(writer.waiting() for writer in log_writers())
 
 
 def report(message):
@@ -3679,6 +3820,11 @@ class Connection(BaseHTTPRequestHandler):
         else:
             self.close()
 
+    def progressing(self, now):
+        """True while its request's body arrives above MIN_BODY_RATE."""
+        return self.state is BODY and self.request.body.size >= (
+            MIN_BODY_RATE * (now - self.request.body_started))
+
     def idle(self):
         """True when closing the connection loses nothing at all."""
         return self.state in (PREFACE, IDLE, LINGER) and not (
@@ -4026,6 +4172,7 @@ class Server:
         self.touched = set()        # connections that did something this round
         self.stopping = False
         self.stop_at = None         # when stopping abandons what is left
+        self.gave_up = None         # why kek stops on its own, if it does
         self.next_sweep = 0.0       # when deadlines are checked next
         self.accepting = True
         self.resume_accept_at = 0.0
@@ -4039,7 +4186,10 @@ class Server:
         """Run rounds until shutdown() and until requests in flight are
         done: as socketserver's loop, a round, then a stop step."""
         while True:
-            self.round()
+            if log_waiting():
+                self.wait_for_log()
+            else:
+                self.round()
             if self.stopping and self.stop_step():
                 return
 
@@ -4073,9 +4223,35 @@ class Server:
         if now >= QUIET.since + QUIET_REPORT_INTERVAL:
             QUIET.report(now)
         flush_log()
+        if log_waiting():
+            return          # no answer goes out before its records
         touched, self.touched = self.touched, set()
         for conn in touched:
             self.run(conn, self.send, conn)
+
+    def wait_for_log(self):
+        """A round while the log cannot take writes: read nothing, accept
+        nothing, send nothing; retry writing every LOG_RETRY_INTERVAL, or as
+        soon as a full pipe has room.  Past LOG_GIVE_UP, stop as on SIGTERM.
+        A SIGTERM wakes it at once."""
+        poller = select.poll()
+        poller.register(self.waker, select.POLLIN)
+        for writer in log_writers():
+            if isinstance(writer.error, BlockingIOError):
+                poller.register(writer.fd, select.POLLOUT)
+        if poller.poll(LOG_RETRY_INTERVAL * 1000):
+            try:
+                self.waker.recv(4096)
+            except BlockingIOError:
+                pass        # it was the log that woke us
+        flush_log()
+        now = time.monotonic()
+        failing_for = max(writer.failing_for(now) for writer in log_writers())
+        if failing_for >= LOG_GIVE_UP and self.gave_up is None:
+            self.gave_up = ('the log could not be written for %d s; stopping'
+                            % failing_for)
+            report(self.gave_up)
+            self.shutdown()
 
     def stop_step(self):
         """After each round once shutdown() was asked: stop accepting, close
@@ -4090,8 +4266,18 @@ class Server:
                 conn.close()
         if self.connections and now >= self.stop_at:
             for conn in list(self.connections):
-                if conn.state is HEAD or conn.state is BODY:
-                    conn.abandon('server stopping')
+                if conn.wfile and log_waiting():
+                    conn.log.at('handler').error(
+                        'answer not sent: the log could not be written before'
+                        ' the server stopped; connection closed')
+                elif conn.wfile:
+                    conn.log.at('handler').error(
+                        'client did not read its answer before the server'
+                        ' stopped; connection closed')
+                else:
+                    conn.begin_what_arrived()
+                    if conn.state is HEAD or conn.state is BODY:
+                        conn.abandon('server stopping')
                 conn.close()        # (a no-op once abandoned)
             flush_log()
         return not self.connections
@@ -4154,11 +4340,15 @@ class Server:
             self.selector.register(sock, selectors.EVENT_READ, conn)
 
     def shed(self, why):
-        """Close the connection that has made the least recent progress, to
-        make room for a new client; False if there is none to close."""
+        """Close the connection that makes the least progress, to make room
+        for a new client: one idle or trickling before one whose body
+        arrives above MIN_BODY_RATE, whatever the time of its latest byte;
+        then the least recent.  False if there is none to close."""
         if not self.connections:
             return False
-        conn = min(self.connections, key=lambda conn: conn.active_at)
+        now = time.monotonic()
+        conn = min(self.connections,
+                   key=lambda conn: (conn.progressing(now), conn.active_at))
         self.run(conn, conn.receive)        # what it sent that is not read yet
         self.run(conn, conn.shed, why)
         return True
@@ -4289,23 +4479,30 @@ def read_settings(argv, environ):
 def keep_standard_fds_open():
     """Put /dev/null where standard input, output or error is closed, so
     that neither the log file nor the listening socket becomes fd 1 or 2 and
-    gets written to as if it were standard output or error."""
+    gets written to as if it were standard output or error; the set of
+    those that were closed."""
+    closed = set()
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
         except OSError:
             # The lowest free descriptor is fd: those below it are open.
             os.open(os.devnull, os.O_RDWR)
+            closed.add(fd)
+    return closed
 
 
 def main(argv=None, environ=os.environ):
     """Run kek with argv (the command line's arguments, sys.argv's by
     default) and environ; the exit status."""
-    keep_standard_fds_open()
+    closed = keep_standard_fds_open()
     if argv is None:
         argv = sys.argv[1:]     # read here: the check of secrets needs them
     try:
         settings = read_settings(argv, environ)
+        if 1 in closed and not settings.log_file:
+            raise SettingError('standard output is closed and LOG_FILE is not'
+                               ' set: the log would go nowhere')
         try:
             writer = LogWriter(settings.log_file)
         except OSError as error:
@@ -4340,6 +4537,11 @@ def main(argv=None, environ=os.environ):
         QUIET.report(time.monotonic())
         server_log().info('stopped')
         writer.close()
+    if writer.unwritten():
+        report('%d records could not be written to %s: %s' % (
+            writer.unwritten(), writer.destination(), writer.error))
+    if server.gave_up is not None or writer.unwritten():
+        return 1
     return 0
 
 

@@ -657,38 +657,214 @@ def test_a_requested_reopen_opens_the_path_even_if_not_moved(tmp_path):
     writer.close()
 
 
-def test_log_file_stays_open_when_it_cannot_be_reopened(tmp_path):
+def test_a_log_whose_folder_is_removed_waits_until_it_can_be_made_again(
+        tmp_path, capfd, logged):
     folder = tmp_path / 'logs'
     folder.mkdir()
-    writer = make_writer(folder / 'kek.log')
+    writer = logged(make_writer(folder / 'kek.log'))
     write_record(writer, 'before')
     (folder / 'kek.log').rename(tmp_path / 'kek.log.1')
     folder.rmdir()
-    write_record(writer, 'after')
-    assert (tmp_path / 'kek.log.1').read_text().splitlines()[-1].endswith('after')
+    write_record(writer, 'after')       # not into the file that was moved
+    assert writer.waiting() and writer.pending_records == 1
+    assert (tmp_path / 'kek.log.1').read_text() == 'K +0.000ms INFO  w before\n'
+    assert capfd.readouterr().err == (
+        "kek: cannot write the log to %s: [Errno 2] No such file or directory:"
+        " '%s'; not reading requests until it works again\n"
+        % (writer.path, writer.path))
+    write_record(writer, 'still')       # said once
+    assert capfd.readouterr().err == ''
+    folder.mkdir()
+    writer.flush()
+    lines = (folder / 'kek.log').read_text().splitlines()
+    assert lines[:2] == ['K +0.000ms INFO  w after', 'K +0.000ms INFO  w still']
+    assert re.fullmatch(r'%s \+\d+\.\d{3}ms WARNING main the log could not be'
+                        r' written for \d+\.\d s \(\[Errno 2\] .*\); 2 records'
+                        r' waited' % KEY, lines[2])
+    assert capfd.readouterr().err == 'kek: writing the log to %s works again\n' \
+        % writer.path
+    assert not writer.waiting() and writer.unwritten() == 0
     writer.close()
 
 
-def test_a_failing_log_is_reported_once_and_its_recovery_too(tmp_path, capfd):
-    # LOG_FILE is a link that the test points at /dev/full and back.
+@pytest.fixture
+def logged():
+    """A writer that gets the server's records as well (its recovery's)."""
+    added = []
+
+    def add(writer):
+        kek.LOGGER.addHandler(writer)
+        added.append(writer)
+        return writer
+    yield add
+    for writer in added:
+        kek.LOGGER.removeHandler(writer)
+
+
+def test_a_full_disk_keeps_records_waiting_then_writes_them_in_order(
+        tmp_path, capfd, logged):
+    writer = logged(make_writer('/dev/full'))
+    for n in range(3):
+        write_record(writer, 'waits %d' % n)
+    assert writer.waiting() and writer.unwritten() == 3
+    assert capfd.readouterr().err == (
+        'kek: cannot write the log to /dev/full: [Errno 28] No space left on'
+        ' device; not reading requests until it works again\n')
+    writer.path = str(tmp_path / 'kek.log')   # room again, and a SIGHUP
+    writer.request_reopen()
+    writer.flush()
+    lines = (tmp_path / 'kek.log').read_text().splitlines()
+    assert lines[:3] == ['K +0.000ms INFO  w waits %d' % n for n in range(3)]
+    assert 'the log could not be written for' in lines[3]
+    assert '[Errno 28] No space left on device); 3 records waited' in lines[3]
+    assert len(lines) == 4
+    writer.close()
+
+
+def test_records_past_the_pending_bound_are_counted_and_said(
+        tmp_path, monkeypatch, logged):
+    monkeypatch.setattr(kek, 'MAX_PENDING_LOG_BYTES', 100)
+    writer = logged(make_writer('/dev/full'))
+    for n in range(5):      # of 28 bytes each: three wait, two are dropped
+        write_record(writer, 'record %d' % n)
+    assert (writer.pending_records, writer.dropped, writer.unwritten()) == (3, 2, 5)
+    writer.path = str(tmp_path / 'kek.log')
+    writer.request_reopen()
+    writer.flush()
+    lines = (tmp_path / 'kek.log').read_text().splitlines()
+    assert lines[:3] == ['K +0.000ms INFO  w record %d' % n for n in range(3)]
+    assert lines[3].endswith('; 3 records waited, and 2 more were dropped past'
+                             ' 100 bytes waiting')
+    assert writer.dropped == 0
+    writer.close()
+
+
+def pipe_size(fd):
+    import fcntl
+    return fcntl.fcntl(fd, 1032)        # F_GETPIPE_SZ
+
+
+def test_a_write_cut_part_way_is_finished_before_anything_else(tmp_path,
+                                                               logged):
+    """A FIFO at LOG_FILE, its reader slow: every line comes out whole."""
+    fifo = tmp_path / 'kek.log'
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    writer = logged(make_writer(fifo))
+    records = ['record %d %s' % (n, 'x' * 1000)
+               for n in range(2 * pipe_size(reader) // 1000)]
+    for record in records:
+        writer.handle(kek.Record(logging.INFO, record, (), None, {
+            'key': 'K', 'where': 'w', 'request': 'K'}, 0.0, None))
+    writer.flush()
+    assert writer.waiting() and writer.cut      # the pipe took part of one
+    assert isinstance(writer.error, BlockingIOError)
+    got = b''
+    while writer.waiting():
+        got += os.read(reader, 1 << 20)
+        writer.flush()
+    got += os.read(reader, 1 << 20)
+    lines = got.decode().splitlines()
+    assert lines[:-1] == ['K +0.000ms INFO  w ' + record for record in records]
+    assert 'records waited' in lines[-1]
+    writer.close()
+    os.close(reader)
+
+
+def test_a_fifo_with_no_reader_is_an_open_that_fails_at_once(tmp_path):
+    os.mkfifo(tmp_path / 'kek.log')
+    with pytest.raises(OSError) as failed:
+        make_writer(tmp_path / 'kek.log')
+    assert failed.value.errno == errno.ENXIO
+
+
+def test_a_symlink_found_at_the_path_after_a_rotation_is_not_followed(
+        tmp_path, capfd, logged):
+    path, elsewhere = tmp_path / 'kek.log', tmp_path / 'elsewhere'
+    elsewhere.write_text('')
+    writer = logged(make_writer(path))
+    write_record(writer, 'before')
+    path.rename(tmp_path / 'kek.log.1')
+    path.symlink_to(elsewhere)
+    write_record(writer, 'GET /;${IFS}x')
+    assert writer.waiting() and elsewhere.read_text() == ''
+    assert '[Errno 40] Too many levels of symbolic links' in capfd.readouterr().err
+    path.unlink()
+    writer.flush()
+    assert path.read_text().splitlines()[0] == 'K +0.000ms INFO  w GET /;${IFS}x'
+    writer.close()
+
+
+def test_the_first_open_follows_a_symlink_as_the_user_gave_it(tmp_path):
+    (tmp_path / 'kek.log').symlink_to(tmp_path / 'real.log')
+    writer = make_writer(tmp_path / 'kek.log')
+    write_record(writer, 'through the link')
+    assert (tmp_path / 'real.log').read_text() == \
+        'K +0.000ms INFO  w through the link\n'
+    writer.close()
+
+
+def test_the_users_own_symlink_is_followed_after_a_rotation_too(tmp_path):
     link, real = tmp_path / 'kek.log', tmp_path / 'real.log'
-    link.symlink_to('/dev/full')
+    link.symlink_to(real)
     writer = make_writer(link)
-    failing = ('kek: cannot write the log to %s: [Errno 28] No space left on'
-               ' device; dropping records until it works again\n' % writer.path)
-    for lost in (3, 2):         # each failure is counted on its own
-        for n in range(lost):
-            write_record(writer, 'lost %d' % n)
-        link.unlink()
-        link.symlink_to(real)
-        write_record(writer, 'kept')
-        assert capfd.readouterr().err == failing + (
-            'kek: writing the log to %s works again; %d records were lost\n'
-            % (writer.path, lost))
-        link.unlink()
-        link.symlink_to('/dev/full')
-    assert real.read_text() == 'K +0.000ms INFO  w kept\n' * 2
+    write_record(writer, 'one')
+    real.rename(tmp_path / 'real.log.1')
+    write_record(writer, 'two')
+    assert real.read_text() == 'K +0.000ms INFO  w two\n'
     writer.close()
+
+
+def test_a_log_file_whose_last_line_was_cut_gets_a_newline_first(tmp_path):
+    path = tmp_path / 'kek.log'
+    path.write_bytes(b'K +0.000ms INFO  w whole\nK +0.000ms INFO  w cu')
+    writer = make_writer(path)
+    write_record(writer, 'next')
+    assert path.read_bytes().splitlines()[1:] == [
+        b'K +0.000ms INFO  w cu', b'K +0.000ms INFO  w next']
+    writer.close()
+    make_writer(path).close()       # a whole last line gets nothing
+    assert path.read_bytes().count(b'\n') == 3
+
+
+def test_a_rotated_file_with_a_cut_last_line_gets_a_newline_first(tmp_path):
+    path = tmp_path / 'kek.log'
+    writer = make_writer(path)
+    write_record(writer, 'one')
+    path.rename(tmp_path / 'kek.log.1')
+    path.write_bytes(b'cut')
+    write_record(writer, 'two')
+    assert path.read_bytes() == b'cut\nK +0.000ms INFO  w two\n'
+    writer.close()
+
+
+def test_a_file_kek_cannot_read_back_is_written_as_it_is(tmp_path, monkeypatch):
+    path = tmp_path / 'kek.log'
+    path.write_bytes(b'cut')
+    real_open = os.open
+
+    def write_only(name, flags, *mode):
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            raise PermissionError(errno.EACCES, 'Permission denied')
+        return real_open(name, flags, *mode)
+    monkeypatch.setattr(os, 'open', write_only)
+    writer = make_writer(path)
+    write_record(writer, 'next')
+    writer.close()
+    assert path.read_bytes() == b'cutK +0.000ms INFO  w next\n'
+
+
+def test_a_device_or_a_swapped_file_is_not_read_back(tmp_path):
+    null = os.open('/dev/null', os.O_WRONLY)
+    assert kek.ends_its_last_line(null, '/dev/null')
+    os.close(null)
+    path = tmp_path / 'kek.log'
+    path.write_bytes(b'cut')
+    fd = os.open(path, os.O_WRONLY)
+    path.rename(tmp_path / 'old')
+    path.write_bytes(b'also cut')
+    assert kek.ends_its_last_line(fd, str(path))    # not the file it holds
+    os.close(fd)
 
 
 def test_log_to_standard_output(capfd):
@@ -3824,6 +4000,158 @@ def test_at_its_limit_the_server_closes_the_connection_stalled_longest(trap):
         sock.close()
 
 
+def fail_log(writer):
+    """The writer's next write fails as on a full disk."""
+    writer.real_path, writer.path = writer.path, '/dev/full'
+    writer.request_reopen()
+
+
+def mend_log(writer):
+    writer.path = writer.real_path
+    writer.request_reopen()
+
+
+def test_while_the_log_fails_no_answer_goes_out_then_all_do(trap, monkeypatch):
+    monkeypatch.setattr(kek, 'LOG_RETRY_INTERVAL', 0.05)
+    fail_log(trap.writer)
+    trap.writer.flush()
+    with trap.connect() as sock:
+        sock.sendall(b'GET /api?n=1 HTTP/1.1\r\nHost: x\r\n\r\n')
+        assert not select.select([sock], [], [], 0.3)[0]    # held
+        assert trap.writer.waiting()
+        mend_log(trap.writer)
+        answer = parse_responses(sock.recv(65536))[0]
+    key = answer[1]['X-Request-Id']
+    assert [message for _, _, message in trap.chain(key)][-1] == \
+        'responded 200 status=ok'                   # all logged before it
+    [waited] = [line for line in trap.lines() if 'could not be written' in line]
+    assert re.search(r'WARNING main the log could not be written for \d+\.\d s'
+                     r' \(\[Errno 28\] No space left on device\); \d+ records'
+                     r' waited$', waited)
+    assert trap.request()[0].status == 200          # and serving goes on
+
+
+def test_a_log_that_fails_past_the_give_up_time_stops_the_server(
+        trap, monkeypatch):
+    monkeypatch.setattr(kek, 'LOG_RETRY_INTERVAL', 0.02)
+    monkeypatch.setattr(kek, 'LOG_GIVE_UP', 0.2)
+    monkeypatch.setattr(kek, 'SHUTDOWN_GRACE', 0.1)
+    fail_log(trap.writer)
+    with trap.connect() as sock:
+        sock.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\n\r\n')
+        trap.thread.join(5)
+    assert not trap.thread.is_alive()
+    assert trap.server.gave_up == 'the log could not be written for 0 s; stopping'
+    mend_log(trap.writer)
+
+
+def test_at_stop_an_answer_held_for_the_log_is_said_under_its_key(
+        trap, monkeypatch):
+    monkeypatch.setattr(kek, 'LOG_RETRY_INTERVAL', 0.02)
+    monkeypatch.setattr(kek, 'SHUTDOWN_GRACE', 0.1)
+    fail_log(trap.writer)
+    with trap.connect() as sock:
+        sock.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\n\r\n')
+        wait_for(lambda: trap.writer.waiting() and trap.writer.pending_records)
+        trap.server.shutdown()
+        trap.thread.join(5)
+        assert not trap.thread.is_alive()
+    pending = trap.writer.pending.decode()
+    assert 'ERROR handler answer not sent: the log could not be written' \
+        ' before the server stopped; connection closed\n' in pending
+    mend_log(trap.writer)
+
+
+def test_at_stop_an_answer_the_client_did_not_read_is_said(trap, fast,
+                                                            monkeypatch):
+    monkeypatch.setattr(kek, 'SHUTDOWN_GRACE', 0.2)
+    sock = flood_without_reading(trap)
+    trap.server.shutdown()
+    trap.thread.join(5)
+    lines = [line for line in trap.lines() if 'did not read' in line]
+    assert [LINE.fullmatch(line).group(4, 5) for line in lines] == [(
+        'handler', 'client did not read its answer before the server stopped;'
+        ' connection closed')]
+    sock.close()
+
+
+def test_at_stop_blank_lines_alone_are_closed_without_a_word(trap, monkeypatch):
+    monkeypatch.setattr(kek, 'SHUTDOWN_GRACE', 0.1)
+    with trap.connect() as sock:
+        sock.sendall(b'\r\n\r\n')
+        wait_for(lambda: trap.connection().inbuf)
+        trap.server.shutdown()
+        trap.thread.join(5)
+        assert not trap.thread.is_alive() and sock.recv(10) == b''
+    assert trap.keys() == []
+
+
+def test_at_stop_a_partial_proxy_header_is_told_under_a_key(trap, monkeypatch):
+    monkeypatch.setattr(kek, 'SHUTDOWN_GRACE', 0.1)
+    monkeypatch.setattr(kek.SETTINGS, 'trusted_proxies',
+                        kek.networks('127.0.0.1'))
+    kek.trusted.cache_clear()
+    with trap.connect() as sock:
+        sock.sendall(b'PROXY TCP4 203.0.113.7')
+        wait_for(lambda: trap.connection().inbuf)
+        trap.server.shutdown()
+        trap.thread.join(5)
+    [key] = trap.keys()
+    assert trap.chain(key)[-1][2].startswith('server stopping; request head'
+                                             ' not complete')
+    kek.trusted.cache_clear()
+
+
+def test_at_its_limit_a_trickle_goes_before_a_body_above_the_rate(trap):
+    """Shedding by progress: the upload's latest byte is older than the
+    trickle's, and it is the trickle that is closed."""
+    trap.server.max_connections = 2
+    upload = trap.connect()
+    upload.sendall(b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 100000'
+                   b'\r\n\r\n' + b'x' * 60000)
+    wait_for(lambda: any(c.state is kek.BODY and c.request.body.size == 60000
+                         for c in list(trap.server.connections)))
+    trickle = trap.connect()
+    trickle.sendall(b'GET /api?n=1 HTTP/1.1\r\n')
+    wait_for(lambda: any(c.state is kek.HEAD
+                         for c in list(trap.server.connections)))
+    trickle.sendall(b'X')       # its latest byte is the newest
+    wait_for(lambda: any(c.state is kek.HEAD and len(c.inbuf) == 24
+                         for c in list(trap.server.connections)))
+    assert trap.request()[0].status == 200          # a third is served
+    assert recv_until_closed(trickle) == b''        # the trickle made room
+    upload.sendall(b'x' * 40000)                    # the upload goes on
+    assert parse_responses(recv_until_closed_or_answered(upload))[0][0] == \
+        'HTTP/1.1 200 OK'
+    upload.close()
+    trickle.close()
+
+
+def recv_until_closed_or_answered(sock):
+    sock.settimeout(5)
+    data = b''
+    while b'\r\n\r\n' not in data or len(data) < data.find(b'\r\n\r\n') + 4 + \
+            int(re.search(rb'Content-Length: (\d+)', data).group(1)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_body_below_the_rate_is_not_progress(harness):
+    server, conn, _ = harness
+    conn.state = kek.BODY
+    conn.request = kek.Request('K', time.monotonic(), conn.client, None)
+    conn.request.body = kek.Body(0)
+    conn.request.body_started = time.monotonic() - 2
+    conn.request.body.size = 2 * kek.MIN_BODY_RATE - 1
+    assert not conn.progressing(time.monotonic())
+    conn.request.body.size = 2 * kek.MIN_BODY_RATE + 10
+    assert conn.progressing(time.monotonic())
+    conn.state = kek.IDLE
+
+
 class OutOfDescriptors:
     """A listening socket whose next accepts fail as when kek is out of
     file descriptors (EMFILE)."""
@@ -4289,19 +4617,72 @@ def test_at_its_descriptor_limit_kek_closes_the_longest_stalled_client(
     assert 'cannot accept' not in ''.join(lines)
 
 
-def test_a_full_log_device_never_stops_the_answers(tmp_path):
+def test_a_log_that_cannot_be_written_holds_the_answers_until_sigterm(
+        tmp_path):
+    """No answer goes out before its records; SIGTERM still stops kek in
+    its grace, saying how many records could not be written."""
     port = free_port()
     kek_process = Process(tmp_path, env={'LOG_FILE': '/dev/full',
                                          'PORT': str(port)})
-    kek_process.port = port
     wait_for(lambda: connectable(port), timeout=10)
-    assert [kek_process.get().status for _ in range(3)] == [200] * 3
-    status, out, err = kek_process.stop()
-    assert status == 0
-    assert err == ('kek: listening on http://127.0.0.1:%d, logging to /dev/full\n'
-                   'kek: cannot write the log to /dev/full: [Errno 28] No space'
-                   ' left on device; dropping records until it works again\n'
-                   % port)
+    with socket.create_connection(('127.0.0.1', port), timeout=5) as sock:
+        sock.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\n\r\n')
+        assert not select.select([sock], [], [], 0.5)[0]    # no answer
+        started = time.monotonic()
+        status, out, err = kek_process.stop()
+        assert time.monotonic() - started < kek.SHUTDOWN_GRACE + 3
+        try:
+            assert sock.recv(4096) == b''
+        except ConnectionResetError:
+            pass                # closed with the request unanswered
+    assert status == 1
+    assert err.splitlines()[1:] == [
+        'kek: cannot write the log to /dev/full: [Errno 28] No space left on'
+        ' device; not reading requests until it works again',
+        'kek: 2 records could not be written to /dev/full: [Errno 28] No space'
+        ' left on device']
+
+
+def test_standard_output_that_nobody_reads_never_blocks_sigterm(tmp_path):
+    """A pipe nobody reads: kek stops answering once it is full, and a
+    SIGTERM stops it all the same."""
+    kek_process = Process(tmp_path, env={'PORT': str(free_port())},
+                          log_file=False)       # stdout: a pipe, never read
+    kek_process.port = int(wait_for(lambda: re.search(
+        rb'listening on http://127\.0\.0\.1:(\d+)', os.read(
+            kek_process.proc.stdout.fileno(), 4096)), timeout=10).group(1))
+    answered = 0
+    with socket.create_connection(('127.0.0.1', kek_process.port),
+                                  timeout=5) as sock:
+        request = b'GET /api?%s HTTP/1.1\r\nHost: x\r\n\r\n' % (b'x' * 2000)
+        sock.settimeout(1)
+        try:
+            while answered < 1000:      # far more than a pipe takes
+                sock.sendall(request)
+                while b'\r\n\r\n' not in sock.recv(65536):
+                    pass
+                answered += 1
+        except socket.timeout:
+            pass
+        assert 10 < answered < 1000
+        kek_process.proc.send_signal(signal.SIGTERM)
+        assert kek_process.proc.wait(kek.SHUTDOWN_GRACE + 5) == 1
+    err = kek_process.proc.stderr.read()
+    assert 'kek: cannot write the log to standard output: [Errno 11]' in err
+    assert re.search(r'kek: \d+ records could not be written to standard'
+                     r' output', err)
+    out = kek_process.proc.stdout.buffer.read()
+    assert out.endswith(b'\n')                      # every line whole
+    assert all(LINE.fullmatch(line) for line in out.decode().splitlines()[1:])
+
+
+def test_closed_standard_output_with_no_log_file_is_a_bad_setting(tmp_path):
+    kek_process = Process(tmp_path, log_file=False,
+                          preexec_fn=lambda: os.close(1))
+    assert kek_process.proc.wait(10) == 2
+    assert kek_process.proc.stderr.read() == (
+        'kek: standard output is closed and LOG_FILE is not set: the log'
+        ' would go nowhere\n')
 
 
 def test_a_standard_error_that_cannot_be_written_never_stops_kek(tmp_path):
@@ -4314,7 +4695,7 @@ def test_a_standard_error_that_cannot_be_written_never_stops_kek(tmp_path):
 
 def test_closed_standard_output_and_error_never_stop_the_answers(tmp_path):
     port = free_port()
-    kek_process = Process(tmp_path, env={'PORT': str(port)}, log_file=False,
+    kek_process = Process(tmp_path, env={'PORT': str(port)},
                           stdout=subprocess.DEVNULL,
                           preexec_fn=lambda: (os.close(1), os.close(2)))
     kek_process.port = port
