@@ -22,9 +22,11 @@ server_cmd() {
     case "$1" in
         kek) CMD=("$SYS_PY" "$PROJECT/kek.py") ;;
         kek_signed) CMD=(env WEBHOOK_SECRET=kek-bench-secret "$SYS_PY" "$PROJECT/kek.py") ;;  # checks webhook.lua's signature
+        kek_proxied) CMD=(env TRUSTED_PROXIES=127.0.0.1 "$SYS_PY" "$PROJECT/kek.py") ;;  # reads f's X-Forwarded-For
+        kek_quiet) CMD=(env LOG_SKIP=/healthz "$SYS_PY" "$PROJECT/kek.py") ;;  # h's /healthz unlogged
         flask_dev|twisted_web|aiohttp_app) CMD=("$VENV_PY" "$BENCH/peers/$1.py") ;;
         stdlib_loop) CMD=("$SYS_PY" "$BENCH/peers/stdlib_loop.py") ;;   # kek's ceiling: no protections
-        *) echo "unknown server: $1 (known: $SERVERS_ALL kek_signed stdlib_loop)" >&2; return 1 ;;
+        *) echo "unknown server: $1 (known: $SERVERS_ALL kek_signed kek_proxied kek_quiet stdlib_loop)" >&2; return 1 ;;
     esac
 }
 

@@ -10,6 +10,8 @@
 #   c  "Connection: close" on every request, 16 connections, 2 threads, GET /api?x=1
 #   d  1 connection, 1 thread, keep-alive, GET /api?x=1 (latency)
 #   e  keep-alive, 16 connections, 2 threads, a webhook-like POST: 5 headers, a 64-byte JSON body
+#   f  as a, with an X-Forwarded-For of two hops (for kek_proxied: TRUSTED_PROXIES=127.0.0.1)
+#   h  as a, on GET /healthz (for kek_quiet: LOG_SKIP=/healthz)
 #
 # Environment:
 #   DURATION=10      seconds of load per scenario (wrk -d)
@@ -59,6 +61,8 @@ for sc in $scenarios; do
         c) WRK_ARGS=(-t2 -c16 -H "Connection: close" -s "$BENCH/scripts/stats.lua" "$URL") ;;
         d) WRK_ARGS=(-t1 -c1 -s "$BENCH/scripts/stats.lua" "$URL") ;;
         e) WRK_ARGS=(-t2 -c16 -s "$BENCH/scripts/webhook.lua" "http://127.0.0.1:$PORT") ;;
+        f) WRK_ARGS=(-t2 -c16 -H "X-Forwarded-For: 203.0.113.7, 198.51.100.2" -s "$BENCH/scripts/stats.lua" "$URL") ;;
+        h) WRK_ARGS=(-t2 -c16 -s "$BENCH/scripts/stats.lua" "http://127.0.0.1:$PORT/healthz") ;;
         *) echo "unknown scenario $sc" >&2; continue ;;
     esac
     log=$OUT/$name.$sc.log
