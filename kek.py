@@ -183,7 +183,20 @@ def networks(text):
             raise ValueError('is not a list of addresses and networks: %r is'
                              ' neither (as in 127.0.0.1,10.0.0.0/8,::1)'
                              % item) from None
-    return tuple(found)
+    return Networks(found)
+
+
+class Networks(tuple):
+    """The networks of TRUSTED_PROXIES, hashed once: they are part of the
+    key of trusted()'s cache, and ipaddress hashes each in Python."""
+
+    def __new__(cls, items):
+        self = super().__new__(cls, items)
+        self.hash = tuple.__hash__(self)
+        return self
+
+    def __hash__(self):
+        return self.hash
 
 
 def exact_paths(text):
@@ -1308,8 +1321,10 @@ HOP = re.compile(r'(\[[0-9A-Fa-f:.]{2,45}\]|[0-9.]{7,15}|[0-9A-Fa-f:.]{2,45})'
 MAX_HOP_CHARS = 45 + 2 + 6      # '[' IPv6 in its longest text ']' ':' port
 
 
+@functools.lru_cache(maxsize=1024)      # hops of at most 53 characters: 250 KiB
 def hop_address(text):
-    """(host, port or None) of one hop, or None if it names no address."""
+    """(host, port or None) of one hop, or None if it names no address.
+    Remembered: a proxy forwards the same few clients again and again."""
     match = HOP.fullmatch(text)
     if match is None:
         return None
