@@ -865,7 +865,7 @@ class Decoder:
         """Once the body is whole: say if its compressed stream was cut."""
         if self.error is None and not self.over and (
                 self.stream is None or not self.stream.eof):
-            self.error = 'the body ends before its %s stream' % self.coding
+            self.error = 'its %s stream is cut short' % self.coding
 
 
 def body_coding(request):
@@ -1185,7 +1185,7 @@ def foreign_protocol(data):
     """The refusal of non-HTTP/1 traffic that data starts with, or None."""
     if data.startswith(b'\x16\x03'):
         return Refused('not an HTTP/1.x request: a TLS handshake on a plain'
-                       ' HTTP port, %s', 'server name', tls_server_name(data))
+                       ' HTTP port, %s', 'hello', client_hello(data))
     if data.startswith(HTTP2_PREFACE):
         return Refused('not an HTTP/1.x request: the HTTP/2 connection preface'
                        ' (PRI * HTTP/2.0)')
@@ -1198,34 +1198,124 @@ def foreign_protocol(data):
     return None
 
 
-def tls_server_name(data):
-    """The server name (SNI) a TLS ClientHello in data asks for, or None if
-    the bytes at hand do not hold one.  Each step moves forward, so this is
-    linear in the bytes read."""
+# A TLS ClientHello (RFC 8446 4.1.2), read for what it offers: the facts
+# a plain port can tell of a TLS client, and its JA4 (FoxIO's JA4.md).
+JA4_VERSIONS = {0x0304: '13', 0x0303: '12', 0x0302: '11', 0x0301: '10',
+                0x0300: 's3'}
+SERVER_NAME, ALPN, SIGNATURE_ALGORITHMS, SUPPORTED_VERSIONS = 0, 16, 13, 43
+MAX_HELLO_VALUES = 512      # ciphers, extensions, ALPN names... read of each:
+                            # a record of 16 KiB holds at most 8,192 of them
+
+
+def grease(value):
+    """RFC 8701's reserved values (0x0a0a, 0x1a1a ...), left out of JA4."""
+    return value & 0x0F0F == 0x0A0A and value >> 8 == value & 0xFF
+
+
+class Hello:
+    """What a ClientHello offers; `whole` if all of it was at hand."""
+
+    def __init__(self):
+        self.version = 0
+        self.ciphers = []
+        self.extensions = []
+        self.server_name = None
+        self.alpn = []
+        self.signature_algorithms = []
+        self.versions = []
+        self.whole = False
+
+
+def values(data, size):
+    """The big-endian numbers of `size` bytes each in data, at most
+    MAX_HELLO_VALUES of them."""
+    return [int.from_bytes(data[at:at + size], 'big')
+            for at in range(0, min(len(data), size * MAX_HELLO_VALUES)
+                            - size + 1, size)]
+
+
+def client_hello(data):
+    """The Hello of the TLS record data begins with, or None if it is no
+    ClientHello.  Each step moves forward: linear in the bytes read."""
     def number(at, size):
         if at + size > len(data):
             raise IndexError(at)
         return int.from_bytes(data[at:at + size], 'big')
+    hello = Hello()
     try:
         if number(5, 1) != 1:                   # not a ClientHello
             return None
+        hello.version = number(9, 2)
         at = 5 + 4 + 2 + 32     # record and handshake headers, version, random
         at += 1 + number(at, 1)                 # session id
-        at += 2 + number(at, 2)                 # cipher suites
+        size = number(at, 2)
+        hello.ciphers = values(data[at + 2:at + 2 + size], 2)
+        at += 2 + size
         at += 1 + number(at, 1)                 # compression methods
         end = at + 2 + number(at, 2)            # the extensions
         at += 2
-        while at + 4 <= end:
+        while at + 4 <= end and len(hello.extensions) < MAX_HELLO_VALUES:
             kind, size = number(at, 2), number(at + 2, 2)
-            if kind == 0:   # server_name: list length, name type, name length
-                length = number(at + 7, 2)
-                name = bytes(data[at + 9:at + 9 + length])
-                return name if name and len(name) == length else None
+            number(at + 4, size)                # all of it is here
+            hello.extensions.append(kind)
+            body = data[at + 4:at + 4 + size]
+            if kind == SERVER_NAME and size >= 5:   # list, type, length, name
+                hello.server_name = bytes(body[5:5 + number(at + 7, 2)]) or None
+            elif kind == ALPN:
+                hello.alpn = alpn_names(body[2:])
+            elif kind == SIGNATURE_ALGORITHMS:
+                hello.signature_algorithms = values(body[2:], 2)
+            elif kind == SUPPORTED_VERSIONS:
+                hello.versions = values(body[1:], 2)
             at += 4 + size
+        hello.whole = at == end == 5 + 4 + number(6, 3)
     except IndexError:
         pass
-    return None
+    return hello
 
+
+def alpn_names(data):
+    """The protocol names of an ALPN extension (RFC 7301 3.1)."""
+    names = []
+    at = 0
+    while at < len(data) and len(names) < MAX_HELLO_VALUES:
+        size = data[at]
+        names.append(bytes(data[at + 1:at + 1 + size]))
+        at += 1 + size
+    return names
+
+
+def ja4_hash(items):
+    return hashlib.sha256(','.join(items).encode()).hexdigest()[:12] \
+        if items else '000000000000'
+
+
+def ja4(hello):
+    """The JA4 fingerprint of a whole ClientHello (FoxIO's JA4.md, the
+    BSD-licensed part): a_b_c, GREASE values left out everywhere."""
+    ciphers = [value for value in hello.ciphers if not grease(value)]
+    extensions = [value for value in hello.extensions if not grease(value)]
+    versions = [value for value in hello.versions if not grease(value)]
+    alpn = hello.alpn[0] if hello.alpn else b''
+    if not alpn:
+        ends = '00'
+    elif (alpn[:1] + alpn[-1:]).isalnum() and alpn[:1].isascii() and \
+            alpn[-1:].isascii():
+        ends = (alpn[:1] + alpn[-1:]).decode('ascii')
+    else:
+        ends = alpn.hex()[0] + alpn.hex()[-1]
+    a = 't%s%s%02d%02d%s' % (
+        JA4_VERSIONS.get(max(versions, default=hello.version), '00'),
+        'd' if SERVER_NAME in extensions else 'i',
+        min(len(ciphers), 99), min(len(extensions), 99), ends)
+    b = ja4_hash(sorted('%04x' % value for value in ciphers))
+    c = sorted('%04x' % value for value in extensions
+               if value not in (SERVER_NAME, ALPN))
+    algorithms = ['%04x' % value for value in hello.signature_algorithms
+                  if not grease(value)]
+    if algorithms:      # (then 000d is among the extensions)
+        c = [','.join(c) + '_' + ','.join(algorithms)]
+    return '%s_%s_%s' % (a, b, ja4_hash(c))
 
 
 # Behind a proxy (SPEC 3): a peer of TRUSTED_PROXIES may send a PROXY
@@ -2598,6 +2688,16 @@ def shown_server_name(name):
     return 'server name %s' % shown(hide_fields(as_text(name)))
 
 
+def shown_hello(hello):
+    """A TLS hello on a plain port: its server name, and if all of it came
+    the ALPN names it offers and its JA4."""
+    text = shown_server_name(hello and hello.server_name)
+    if hello is not None and hello.whole:
+        text += ', ALPN %s, JA4 %s' % (json_text(
+            [shown_free(as_text(name)) for name in hello.alpn]), ja4(hello))
+    return text
+
+
 def shown_proxy_line(line):
     if PROXY_V1.fullmatch(line):
         return shown(as_text(line))     # addresses and ports, checked
@@ -2610,7 +2710,7 @@ EVIDENCE = {
     'header': shown_header,                     # name, value
     'header line': shown_header_line,           # a line without its colon
     'continuation': shown_continuation_of,      # the name, the line
-    'server name': shown_server_name,           # a TLS hello's SNI, or None
+    'hello': shown_hello,                       # a TLS ClientHello, or None
     'proxy line': shown_proxy_line,             # a PROXY v1 line
 }
 
@@ -2839,6 +2939,15 @@ def arrival_text(record):
     return text
 
 
+def plain_text(data):
+    """True if data is UTF-8 text with no control but tab and line ends:
+    what a body that was not compressed after all looks like."""
+    try:
+        return not HIDING_CONTROL.search(data.decode('utf-8'))
+    except UnicodeDecodeError:
+        return False
+
+
 def log_body(request):
     """The body record, once a body has arrived whole: its size (decoded,
     for either framing), type, SHA-256, and what its first LOG_BODY bytes
@@ -2865,15 +2974,15 @@ def log_body(request):
     elif body.keep and coding is not None and decoder is None:
         # bytes no rule can read
         fields['preview_binary'] = 'not shown: encoded as %s' % shown(coding)
+    elif body.keep and 'decode_error' in fields and not plain_text(preview):
+        # A cut or damaged stream still inflates, past every rule: in
+        # base64, or as a form's name, it would show what it hides.
+        fields['preview_binary'] = 'not shown: %s that does not decode' % coding
     elif body.keep:
         cut = size > len(preview)
         fields.update(body_fields(bytes(preview), media_type(content_type), cut))
         if cut:
             fields['preview_bytes'] = len(preview)
-        if 'decode_error' in fields and 'preview_base64' in fields:
-            # a cut or damaged stream still inflates, past every rule
-            fields['preview_binary'] = 'not shown: %s that does not decode' % coding
-            del fields['preview_base64']
     request.log.record('body', 'body %d bytes' % body.size, fields)
 
 
@@ -4254,11 +4363,9 @@ class Server:
         for writer in log_writers():
             if isinstance(writer.error, BlockingIOError):
                 poller.register(writer.fd, select.POLLOUT)
-        if poller.poll(LOG_RETRY_INTERVAL * 1000):
-            try:
+        for fd, _ in poller.poll(LOG_RETRY_INTERVAL * 1000):
+            if fd == self.waker.fileno():
                 self.waker.recv(4096)
-            except BlockingIOError:
-                pass        # it was the log that woke us
         flush_log()
         now = time.monotonic()
         failing_for = max(writer.failing_for(now) for writer in log_writers())
@@ -4454,11 +4561,12 @@ def read_settings(argv, environ):
     args, unknown = parser.parse_known_args(argv)
     if unknown:     # named, but not what follows them: a mistyped secret's
         values = sum(not arg.startswith('-') or '=' in arg for arg in unknown)
-        raise SettingError('unrecognized arguments: %s%s' % (
-            ' '.join(arg.partition('=')[0] for arg in unknown
-                     if arg.startswith('-')),
-            ' and %d value%s, not shown' % (values, 's' * (values > 1))
-            if values else ''))
+        text = ' '.join(arg.partition('=')[0] for arg in unknown
+                        if arg.startswith('-'))
+        if values:
+            text += '%s%d value%s, not shown' % (
+                text and ' and ', values, 's' * (values > 1))
+        raise SettingError('unrecognized arguments: ' + text)
     args = vars(args)
     settings = Settings()
     for setting in Settings.DECLARED:

@@ -771,6 +771,44 @@ def test_a_write_cut_part_way_is_finished_before_anything_else(tmp_path,
     os.close(reader)
 
 
+def test_a_full_pipe_that_drains_wakes_the_loop_at_once(tmp_path, monkeypatch):
+    """A FIFO at LOG_FILE whose reader falls behind: the loop waits for room
+    in the pipe, not for its retry, and then answers."""
+    monkeypatch.setattr(kek, 'LOG_RETRY_INTERVAL', 30.0)   # never the retry
+    os.mkfifo(tmp_path / 'kek.log')
+    reader = os.open(tmp_path / 'kek.log', os.O_RDONLY | os.O_NONBLOCK)
+    server = Trap(tmp_path, kek.TextFormatter())
+    try:
+        with server.connect() as sock:
+            request = b'GET /api?%s HTTP/1.1\r\nHost: x\r\n\r\n' % (b'x' * 3000)
+            while not server.writer.waiting():
+                sock.sendall(request)
+                wait_for(lambda: server.writer.waiting() or select.select(
+                    [sock], [], [], 0)[0])
+                if not server.writer.waiting():
+                    sock.recv(1 << 20)
+            assert isinstance(server.writer.error, BlockingIOError)
+            got = b''
+            started = time.monotonic()
+            while b'records waited' not in got:
+                readable = select.select([reader], [], [], 5)[0]
+                assert readable
+                got += os.read(reader, 1 << 20)
+            answer = sock.recv(1 << 20)
+            assert answer.startswith(b'HTTP/1.1 200 OK')
+            assert time.monotonic() - started < 10
+    finally:
+        server.server.shutdown()
+        server.thread.join(10)
+        server.server.server_close()
+        kek.LOGGER.removeHandler(server.writer)
+        while select.select([reader], [], [], 0.1)[0] and os.read(reader, 1 << 20):
+            pass
+        server.writer.close()
+        os.close(reader)
+    assert b'records waited' in got
+
+
 def test_a_fifo_with_no_reader_is_an_open_that_fails_at_once(tmp_path):
     os.mkfifo(tmp_path / 'kek.log')
     with pytest.raises(OSError) as failed:
@@ -1639,6 +1677,49 @@ def client_hello(server_name):
     return outgoing.read()
 
 
+def independent_ja4(hello):
+    """JA4 as FoxIO's JA4.md says, written apart from kek's: the hello's
+    fields taken with struct, one at a time."""
+    import struct
+    at = 5 + 4
+    version, = struct.unpack_from('>H', hello, at)
+    at += 2 + 32
+    at += 1 + hello[at]
+    size, = struct.unpack_from('>H', hello, at)
+    ciphers = [c for c in struct.unpack_from('>%dH' % (size // 2), hello, at + 2)
+               if not ((c >> 8) == (c & 0xFF) and c & 0x0F == 0x0A)]
+    at += 2 + size
+    at += 1 + hello[at]
+    end = at + 2 + struct.unpack_from('>H', hello, at)[0]
+    at += 2
+    extensions, sigalgs, alpn, versions = [], [], b'', []
+    while at < end:
+        kind, size = struct.unpack_from('>HH', hello, at)
+        body = hello[at + 4:at + 4 + size]
+        at += 4 + size
+        if (kind >> 8) == (kind & 0xFF) and kind & 0x0F == 0x0A:
+            continue
+        extensions.append(kind)
+        if kind == 13:
+            sigalgs = struct.unpack_from('>%dH' % (len(body) // 2 - 1), body, 2)
+        elif kind == 16:
+            alpn = body[3:3 + body[2]]
+        elif kind == 43:
+            versions = [v for v in struct.unpack_from('>%dH' % (body[0] // 2),
+                                                      body, 1) if v & 0x0F0F != 0x0A0A]
+    top = max(versions) if versions else version
+    head = 't' + {0x0304: '13', 0x0303: '12'}.get(top, '00') + (
+        'd' if 0 in extensions else 'i') + '%02d%02d' % (
+        len(ciphers), len(extensions)) + (
+        chr(alpn[0]) + chr(alpn[-1]) if alpn else '00')
+    digest = lambda text: hashlib.sha256(text.encode()).hexdigest()[:12]
+    rest = ','.join(sorted('%04x' % e for e in extensions if e not in (0, 16)))
+    if sigalgs:
+        rest += '_' + ','.join('%04x' % s for s in sigalgs)
+    return '%s_%s_%s' % (head, digest(','.join(sorted('%04x' % c for c in ciphers))),
+                         digest(rest))
+
+
 def outcomes(trap, data):
     """Send data on one connection, half-close, and say what each answer was:
     'ok', 'ok N' for an ok request whose body record says N bytes, or the
@@ -1908,10 +1989,12 @@ CONFORMANCE = [
     # Other protocols, named.
     ('TLS with a server name', client_hello('example.com'),
      ['not an HTTP/1.x request: a TLS handshake on a plain HTTP port, server'
-      ' name example.com']),
+      ' name example.com, ALPN [], JA4 %s' % independent_ja4(
+          client_hello('example.com'))]),
     ('TLS without a server name', client_hello(None),
      ['not an HTTP/1.x request: a TLS handshake on a plain HTTP port, no'
-      ' server name in its first bytes']),
+      ' server name in its first bytes, ALPN [], JA4 %s' % independent_ja4(
+          client_hello(None))]),
     ('TLS cut short', client_hello('example.com')[:60],
      ['not an HTTP/1.x request: a TLS handshake on a plain HTTP port, no'
       ' server name in its first bytes']),
@@ -2070,7 +2153,80 @@ ALPN = (16, b'\x00\x03\x02h2')
     (tls_hello([GROUPS, sni(b'x')])[:5] + b'\x02' + bytes(50), None),
 ])
 def test_the_server_name_is_read_from_a_client_hello(hello, name):
-    assert kek.tls_server_name(hello) == name
+    assert (kek.client_hello(hello) or kek.Hello()).server_name == name
+
+
+def browserleaks_hello():
+    """Chrome 143's ClientHello as browserleaks.com took it apart (its
+    ja4_ro: ciphers and extensions in wire order), built back into bytes."""
+    ciphers = bytes.fromhex('130113021303c02bc02fc02cc030cca9cca8c013c014009c'
+                            '009d002f0035')
+    sigalgs = bytes.fromhex('04030804040105030805050108060601')
+    bodies = {0x0010: b'\x00\x0c\x02h2\x08http/1.1',
+              0x0000: sni(b'tls.browserleaks.com')[1],
+              0x000d: len(sigalgs).to_bytes(2, 'big') + sigalgs,
+              0x002b: b'\x04\x03\x04\x03\x03'}
+    order = [0x002d, 0x0033, 0x0010, 0xfe0d, 0x0017, 0x44cd, 0x0000, 0x000b,
+             0x000a, 0x002b, 0xff01, 0x0023, 0x0012, 0x0005, 0x000d, 0x001b]
+    return tls_hello([(kind, bodies.get(kind, b'')) for kind in order],
+                     ciphers=ciphers)
+
+
+def test_ja4_of_a_real_browser_hello_is_the_published_one():
+    hello = kek.client_hello(browserleaks_hello())
+    assert hello.whole and hello.alpn == [b'h2', b'http/1.1']
+    assert kek.ja4(hello) == 't13d1516h2_8daaf6152771_d8a2da3f94cd'
+    assert independent_ja4(browserleaks_hello()) == kek.ja4(hello)
+
+
+@pytest.mark.parametrize('alpn', [['h2', 'http/1.1'], ['http/1.1'], None])
+def test_ja4_of_pythons_own_hello_matches_an_independent_reading(alpn):
+    context = ssl.create_default_context()
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname='example.test')
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    data = outgoing.read()
+    assert kek.ja4(kek.client_hello(data)) == independent_ja4(data)
+
+
+def test_ja4_leaves_grease_out_and_names_tls_1_2_without_supported_versions():
+    hello = kek.client_hello(tls_hello(
+        [(0x1a1a, b''), sni(b'x'), (13, b'\x00\x04\x0a\x0a\x04\x03')],
+        ciphers=b'\x2a\x2a\xc0\x2f'))
+    assert kek.ja4(hello) == 't12d0102%s_%s_%s' % (
+        '00', hashlib.sha256(b'c02f').hexdigest()[:12],
+        hashlib.sha256(b'000d_0403').hexdigest()[:12])
+
+
+def test_ja4_of_a_bare_hello_uses_zeros_and_hex_for_an_odd_alpn():
+    hello = kek.client_hello(tls_hello([(16, b'\x00\x03\x02\x01h')], ciphers=b''))
+    assert kek.ja4(hello) == 't12i0001%s_000000000000_000000000000' % '08'
+    hello.version = 0x0200                  # no version JA4 names
+    hello.alpn = [b'h2']
+    assert kek.ja4(hello).startswith('t00i0001h2_')
+    hello.extensions = [10, 11]             # no sigalgs: no '_'
+    assert kek.ja4(hello).endswith('_' + hashlib.sha256(b'000a,000b').hexdigest()[:12])
+
+
+def test_a_hello_reads_no_more_than_its_bound_of_values():
+    hello = kek.client_hello(tls_hello([(16, b'\x00\x00' + b'\x00' * 3000)],
+                                       ciphers=b'\x00\x2f' * 5000))
+    assert len(hello.ciphers) == len(hello.alpn) == kek.MAX_HELLO_VALUES
+    many = kek.client_hello(tls_hello([(n, b'') for n in range(600)]))
+    assert len(many.extensions) == kek.MAX_HELLO_VALUES and not many.whole
+
+
+def test_an_alpn_offered_on_a_plain_port_is_shown_by_the_free_text_rule(trap):
+    name = b'token=SEKRET-9x-SEKRET'
+    hello = tls_hello([(16, (len(name) + 1).to_bytes(2, 'big') + bytes([len(name)])
+                        + name)])
+    [(_, _, body)] = parse_responses(trap.exchange(hello))
+    text = '\n'.join(trap.lines())
+    assert 'SEKRET' not in text
+    assert 'ALPN ["token=<16 bytes>"], JA4 t12i0201' in text
 
 
 def test_a_method_of_32_characters_is_a_method(trap):
@@ -4409,6 +4565,7 @@ def test_arguments_win_over_the_environment(tmp_path):
     ({'HOST': '192.0.2.1'}, [], "kek: cannot listen on HOST='192.0.2.1' "
      "PORT=0: [Errno 99] Cannot assign requested address"),
     ({}, ['--bogus'], 'kek: unrecognized arguments: --bogus'),
+    ({}, ['hunter2'], 'kek: unrecognized arguments: 1 value, not shown'),
     # A mistyped secret's name is named, its value not (found by a newcomer).
     ({}, ['--webhook-secre', 'hunter2'], 'kek: unrecognized arguments:'
      ' --webhook-secre and 1 value, not shown'),
@@ -5764,19 +5921,23 @@ def test_bytes_that_are_not_gzip_are_said_and_shown_as_they_came(trap):
 
 @pytest.mark.parametrize('coding, body, error', [
     (b'gzip', gzip.compress(b'{"password": "SEKRET-9x"}')[:-4],
-     'the body ends before its gzip stream'),
+     'its gzip stream is cut short'),
     (b'deflate', zlib.compress(b'{"password": "SEKRET-9x"}')[:-1],
-     'the body ends before its deflate stream'),
-    (b'deflate', b'\x9c', 'the body ends before its deflate stream'),
+     'its deflate stream is cut short'),
+    (b'deflate', b'\x9c', 'its deflate stream is cut short'),
     (b'deflate', zlib.compress(b'{"password": "SEKRET-9x"}') + b'more',
      'bytes after the end of its deflate stream'),
     (b'gzip', gzip.compress(b'{"password": "SEKRET-9x"}')[:-8] + bytes(8),
      'Error -3 while decompressing data: incorrect data check'),
 ])
+@pytest.mark.parametrize('content_type', [
+    b'application/octet-stream', b'application/x-www-form-urlencoded',
+    b'application/json', b'text/plain'])
 def test_a_cut_or_damaged_stream_is_said_and_never_shown_in_base64(
-        trap, coding, body, error):
-    """A cut stream still inflates: its base64 would be the secret."""
-    records = records_of(trap, encoded(body, coding, b'application/octet-stream'))
+        trap, coding, body, error, content_type):
+    """A cut stream still inflates: its base64, or the form whose name it
+    became (the newcomer's hunt), would be the secret."""
+    records = records_of(trap, encoded(body, coding, content_type))
     assert '%s that does not decode (%s): shown as it came' % (
         coding.decode(), error) in records
     assert 'preview_binary="not shown: %s that does not decode"' % \

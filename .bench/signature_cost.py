@@ -59,7 +59,7 @@ def main():
 
     def block(secret):
         """Microseconds a request, over BLOCK requests."""
-        kek.WEBHOOK_SECRET = secret
+        kek.SETTINGS.webhook_secret = secret    # (a Settings field since 52189c4)
         started = time.perf_counter()
         for n in range(BLOCK):
             connection.inbuf += REQUEST
