@@ -71,6 +71,7 @@ import select
 import selectors
 import signal
 import socket
+import ssl
 import stat
 import sys
 import textwrap
@@ -272,6 +273,24 @@ class Settings:
                 "the webhook senders' shared secret: each request's signature"
                 ' is checked and the result logged.  From the environment'
                 ' only, and never printed', secret=True, shown_default='unset'),
+        Setting('TLS_CERT', 'PATH', None,
+                not_empty('name a PEM file, or leave it unset for plain HTTP'
+                          ' only'),
+                'a PEM certificate, or chain, and its key unless TLS_KEY names'
+                ' it: then a connection that begins with a TLS hello is served'
+                ' as HTTPS, any other as HTTP, on the same port',
+                shown_default='unset'),
+        Setting('TLS_KEY', 'PATH', None,
+                not_empty("name a PEM file, or leave it unset if the key is in"
+                          " TLS_CERT's"),
+                "the certificate's private key, PEM, without a password",
+                shown_default="in TLS_CERT's file"),
+        Setting('TLS_CLIENT_CA', 'PATH', None,
+                not_empty('name a PEM file, or leave it unset to ask for no'
+                          ' client certificate'),
+                'PEM certificates of the CAs whose client certificates kek asks'
+                ' for and checks (mutual TLS); needs TLS_CERT',
+                shown_default='unset'),
         Setting('TRUSTED_PROXIES', 'LIST', (), networks,
                 'comma-separated addresses and CIDR networks of your proxies'
                 ' (127.0.0.1,10.0.0.0/8,::1): from them, X-Forwarded-For,'
@@ -287,6 +306,8 @@ class Settings:
                 'a header your own sender puts an HMAC-SHA256 of the body in,'
                 ' hex or base64; needs WEBHOOK_SECRET', shown_default='unset'),
     )
+
+    tls = None      # the ssl.SSLContext TLS_CERT and the rest make, if set
 
     def __init__(self, **values):
         for setting in self.DECLARED:
@@ -594,6 +615,8 @@ class Request:
     body = None         # what the log shows of the body: a Body
     body_started = None  # time.monotonic() when the head was done
     via = None          # the trusted proxy the client came through
+    tls = None          # over TLS: what the log shows of it (shown_tls())
+    handshake = None    # a TLS handshake that never finished: its first bytes
     quiet = False       # to a path of LOG_SKIP, with no other error: counted
     forwarding = None   # why a trusted proxy's header named no client:
                         # (header, what is wrong, the hop as sent)
@@ -1185,7 +1208,8 @@ def foreign_protocol(data):
     """The refusal of non-HTTP/1 traffic that data starts with, or None."""
     if data.startswith(b'\x16\x03'):
         return Refused('not an HTTP/1.x request: a TLS handshake on a plain'
-                       ' HTTP port, %s', 'hello', client_hello(data))
+                       ' HTTP port (TLS_CERT makes kek serve HTTPS here), %s',
+                       'hello', client_hello(data))
     if data.startswith(HTTP2_PREFACE):
         return Refused('not an HTTP/1.x request: the HTTP/2 connection preface'
                        ' (PRI * HTTP/2.0)')
@@ -1202,6 +1226,8 @@ def foreign_protocol(data):
 # a plain port can tell of a TLS client, and its JA4 (FoxIO's JA4.md).
 JA4_VERSIONS = {0x0304: '13', 0x0303: '12', 0x0302: '11', 0x0301: '10',
                 0x0300: 's3'}
+TLS_VERSION_NAMES = {0x0304: 'TLS 1.3', 0x0303: 'TLS 1.2', 0x0302: 'TLS 1.1',
+                     0x0301: 'TLS 1.0', 0x0300: 'SSL 3.0'}
 SERVER_NAME, ALPN, SIGNATURE_ALGORITHMS, SUPPORTED_VERSIONS = 0, 16, 13, 43
 MAX_HELLO_VALUES = 512      # ciphers, extensions, ALPN names... read of each:
                             # a record of 16 KiB holds at most 8,192 of them
@@ -2698,6 +2724,63 @@ def shown_hello(hello):
     return text
 
 
+def shown_offer(hello):
+    """What a TLS client offered, for a record's fields: its server name,
+    ALPN names, versions and JA4 (the JA4 only if all the hello came)."""
+    if hello is None:
+        return {'hello': 'not a TLS ClientHello'}
+    name = hello.server_name
+    return {'server_name': name and shown(hide_fields(as_text(name))),
+            'alpn_offered': [shown_free(as_text(name)) for name in hello.alpn],
+            'versions_offered': [
+                TLS_VERSION_NAMES.get(value, '0x%04x' % value)
+                for value in hello.versions or [hello.version]
+                if value and not grease(value)],
+            'ja4': ja4(hello) if hello.whole else None}
+
+
+# The parts of a certificate's names, as OpenSSL's one-line form spells them.
+NAME_PARTS = {'commonName': 'CN', 'organizationName': 'O',
+              'organizationalUnitName': 'OU', 'countryName': 'C',
+              'stateOrProvinceName': 'ST', 'localityName': 'L',
+              'emailAddress': 'emailAddress', 'domainComponent': 'DC'}
+
+
+def shown_distinguished_name(name):
+    """A certificate's subject or issuer, as getpeercert() gives it:
+    CN=client,O=Example (the client's text, through the rules)."""
+    return shown(hide_fields(','.join(
+        '%s=%s' % (NAME_PARTS.get(part, part), value)
+        for relative in name for part, value in relative)))
+
+
+def certificate_time(text):
+    return time.strftime('%Y-%m-%dT%H:%M:%SZ',
+                         time.gmtime(ssl.cert_time_to_seconds(text)))
+
+
+def shown_tls(facts):
+    """What the log shows of a TLS connection (TLS.facts()): what was
+    agreed, in OpenSSL's words, then what the client offered and, asked
+    for one, the certificate it sent."""
+    shown = {'version': facts['version'], 'cipher': facts['cipher'],
+             'alpn': facts['alpn']}
+    shown.update(shown_offer(facts['hello']))
+    if 'cert' in facts:
+        if facts['cert'] is None:
+            shown['client_cert'] = 'none sent'
+        else:
+            cert, der = facts['cert']
+            shown['client_cert'] = {
+                'subject': shown_distinguished_name(cert.get('subject', ())),
+                'issuer': shown_distinguished_name(cert.get('issuer', ())),
+                'not_before': certificate_time(cert['notBefore']),
+                'not_after': certificate_time(cert['notAfter']),
+                'sha256': hashlib.sha256(der).hexdigest(),
+                'verified': 'against TLS_CLIENT_CA'}
+    return shown
+
+
 def shown_proxy_line(line):
     if PROXY_V1.fullmatch(line):
         return shown(as_text(line))     # addresses and ports, checked
@@ -2883,6 +2966,8 @@ def log_arrival(request):
     fields = {'method': method, 'url': url, 'client': request.client}
     if request.via is not None:
         fields['via'] = request.via
+    if request.tls is not None:
+        fields['tls'] = request.tls
     if request.declared == 'chunked':
         fields['transfer_encoding'] = 'chunked'
     elif request.declared:
@@ -2923,6 +3008,8 @@ def arrival_text(record):
     text = '%s %s client=%s' % (fields['method'], url, fields['client'])
     if 'via' in fields:
         text += ' via=' + fields['via']
+    if 'tls' in fields:
+        text += ' tls=' + json_text(fields['tls'])
     if 'transfer_encoding' in fields:
         text += ' body=chunked'
     elif 'body_bytes' in fields:
@@ -3021,7 +3108,12 @@ def log_abandoned(request, reason, received):
     """The record of a request left in the middle: after its arrival, if
     its head had come (received: the bytes of its head so far)."""
     log = request.log.at('handler')
-    if request.body is not None:
+    if request.handshake is not None:
+        log.record('handshake', 'TLS handshake not finished: ' + reason, dict(
+            {'client': request.client},
+            **shown_offer(client_hello(request.handshake))),
+            logging.ERROR)
+    elif request.body is not None:
         log_arrival(request)
         log.error('%s; %s', reason, request.reader.missing())
     else:
@@ -3047,8 +3139,17 @@ def refusal_text(record):
 # The records with fields, one row a kind: how a text line writes them.  A
 # JSON line writes the fields as they are, after the message; every other
 # record is a message only.
+def handshake_text(record):
+    """A TLS handshake that failed, on a text line: the peer, why, and
+    what its hello offered."""
+    fields = dict(record.fields)
+    return 'client=%s %s; hello %s' % (fields.pop('client'),
+                                      escape(record.getMessage()),
+                                      json_text(fields))
+
+
 TEXT_LINES = {'arrival': arrival_text, 'body': body_text,
-              'refusal': refusal_text}
+              'refusal': refusal_text, 'handshake': handshake_text}
 
 
 class TextFormatter(logging.Formatter):
@@ -3713,6 +3814,267 @@ def log_preflight(request):
         if asked else ''))
 
 
+# -- TLS -----------------------------------------------------------------------
+
+# HTTPS on kek's own port (SPEC 5, TLS).  With TLS_CERT set, a connection
+# whose first byte is 0x16, a TLS handshake record, shakes hands in memory:
+# an ssl.SSLObject over two ssl.MemoryBIOs, as asyncio's sslproto.py does,
+# so kek keeps its own reads, byte caps and deadlines, and reads the hello's
+# own bytes for its JA4.  Any other first byte is plain HTTP.
+MAX_HANDSHAKE_BYTES = 64 * 1024     # what a client may send before its handshake
+                                    # is done: a hello (a browser's, post-quantum
+                                    # key share and all, is under 2 KiB) and a
+                                    # client certificate chain (Go's maxHandshake)
+HELLO_RECORD_BYTES = 5 + 16 * 1024  # a TLS record at its largest: what is
+                                    # kept of the hello, for its facts
+MAX_HANDSHAKES = 256        # in progress at once: each holds about 45 KiB in
+                            # OpenSSL, so at most about 12 MiB
+MAX_HANDSHAKE_STEPS = 32    # handshake steps a round: a step that answers a
+                            # hello costs 0.2 ms of CPU with a P-256 key (0.5
+                            # ms RSA-2048), so a round spends ~6-16 ms at most
+TLS_SEND_BYTES = 64 * 1024  # of answers, encrypted at a time
+TLS_READ_BYTES = 64 * 1024  # of plaintext, read from OpenSSL at a time
+MAX_PEM_BYTES = 1024 * 1024  # a certificate file read at start: a chain is KiBs
+# What OpenSSL's reason for a failed handshake means to a client's author.
+HANDSHAKE_FAILURES = {
+    'TLSV1_ALERT_UNKNOWN_CA': "the client does not trust kek's certificate"
+                              ' (it answered: unknown CA)',
+    'SSLV3_ALERT_CERTIFICATE_UNKNOWN': "the client does not trust kek's"
+                                       ' certificate (it answered: certificate'
+                                       ' unknown)',
+    'SSLV3_ALERT_BAD_CERTIFICATE': "the client does not accept kek's"
+                                   ' certificate (it answered: bad certificate)',
+    'TLSV1_ALERT_DECRYPT_ERROR': 'the client could not check the handshake'
+                                 ' (it answered: decrypt error)',
+    'UNSUPPORTED_PROTOCOL': 'no common protocol version',
+    'TLSV1_ALERT_PROTOCOL_VERSION': 'no common protocol version',
+    'NO_SHARED_CIPHER': 'no cipher in common',
+    'NO_SHARED_SIGNATURE_ALGORITHMS': 'no signature algorithm in common',
+    'NO_SUITABLE_KEY_SHARE': 'no key exchange group in common',
+    'WRONG_VERSION_NUMBER': 'not TLS after all',
+    'PACKET_LENGTH_TOO_LONG': 'not TLS after all: a record longer than TLS'
+                              ' allows',
+    'RECORD_LAYER_FAILURE': 'not TLS after all',
+    'UNEXPECTED_MESSAGE': 'the client broke the handshake (an unexpected'
+                          ' message)',
+    'DECRYPTION_FAILED_OR_BAD_RECORD_MAC': 'a record that does not decrypt'
+                                           ' with the keys agreed',
+    'CERTIFICATE_VERIFY_FAILED': 'the client certificate does not verify'
+                                 ' against TLS_CLIENT_CA',
+}
+
+
+class KeyWithPassword(Exception):
+    """A key file that asks for a password: kek reads none."""
+
+
+def no_password():
+    raise KeyWithPassword
+
+
+def pem_file(name, path, marker, what):
+    """Check that the file setting `name` names holds marker; ValueError
+    says what is wrong.  Opened without blocking: a FIFO there cannot hang
+    the start."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError('%s=%r is not a file' % (name, path))
+            data = os.read(fd, MAX_PEM_BYTES)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise ValueError('%s=%r cannot be read: %s'
+                         % (name, path, error.strerror)) from None
+    if marker not in data:
+        raise ValueError('%s=%r holds no PEM %s' % (name, path, what))
+
+
+def tls_context(settings):
+    """The ssl.SSLContext of TLS_CERT, TLS_KEY and TLS_CLIENT_CA, or None
+    without TLS_CERT; ValueError names the setting and file that is wrong."""
+    cert = settings.tls_cert
+    if cert is None:
+        for name in ('TLS_KEY', 'TLS_CLIENT_CA'):
+            if getattr(settings, name.lower()) is not None:
+                raise ValueError('%s=%r needs TLS_CERT, the certificate kek'
+                                 ' serves HTTPS with' % (
+                                     name, getattr(settings, name.lower())))
+        return None
+    key, key_name = settings.tls_key or cert, 'TLS_KEY' if settings.tls_key \
+        else 'TLS_CERT'
+    pem_file('TLS_CERT', cert, b'-----BEGIN CERTIFICATE-----', 'certificate')
+    pem_file(key_name, key, b'PRIVATE KEY-----', 'private key')
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.3 tickets come after the handshake, and reset clients that
+    # close at once (openssl #6342); kek resumes no session anyway.
+    context.num_tickets = 0
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.set_alpn_protocols(['http/1.1'])
+    try:
+        context.load_cert_chain(cert, key, password=no_password)
+    except KeyWithPassword:
+        raise ValueError('%s=%r holds a key with a password: kek reads keys'
+                         ' without one (openssl pkey -in KEY -out KEY.plain)'
+                         % (key_name, key)) from None
+    except ssl.SSLError as error:
+        if error.reason == 'KEY_VALUES_MISMATCH':
+            raise ValueError('%s=%r holds a key that does not match the'
+                             ' certificate of TLS_CERT=%r' % (key_name, key,
+                                                              cert)) from None
+        raise ValueError('TLS_CERT=%r or %s=%r cannot be read as PEM: %s'
+                         % (cert, key_name, key, error)) from None
+    if settings.tls_client_ca is not None:
+        authorities = settings.tls_client_ca
+        pem_file('TLS_CLIENT_CA', authorities, b'-----BEGIN CERTIFICATE-----',
+                 'certificate')
+        try:
+            context.load_verify_locations(authorities)
+        except ssl.SSLError as error:
+            raise ValueError('TLS_CLIENT_CA=%r cannot be read as PEM'
+                             ' certificates: %s' % (authorities, error)) from None
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def handshake_failure(error, hello):
+    """Why a handshake failed, in words (SPEC 3, over TLS), and OpenSSL's
+    own reason."""
+    reason = getattr(error, 'reason', None) or type(error).__name__
+    words = HANDSHAKE_FAILURES.get(reason, 'OpenSSL refused what the client'
+                                           ' sent')
+    if words == 'no common protocol version' and hello is not None:
+        offered = ([value for value in hello.versions if not grease(value)]
+                   or [hello.version])
+        words += ': the client offers %s, kek speaks TLS 1.2 and 1.3' % (
+            ', '.join(TLS_VERSION_NAMES.get(value, '0x%04x' % value)
+                      for value in offered))
+    elif reason == 'CERTIFICATE_VERIFY_FAILED':
+        words += ': %s (the standard library cannot take a certificate it' \
+                 ' cannot verify, so the handshake ends)' % error.verify_message
+    return '%s (%s)' % (words, reason)
+
+
+# A TLS connection's own states.
+SHAKING = 'shaking'     # the handshake is under way
+OPEN = 'open'           # done: requests' bytes flow both ways
+SAID_GOODBYE = 'said goodbye'   # kek's close_notify is written
+
+
+class TLS:
+    """One connection's TLS, in memory.  Ciphertext the client sent is fed
+    in; shake() takes the handshake a step on, decrypt() gives what it
+    carries; what TLS has for the client waits until flush() sends it.
+    The hello's first HELLO_RECORD_BYTES are kept, for its facts."""
+
+    def __init__(self, context):
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.object = context.wrap_bio(self.incoming, self.outgoing,
+                                       server_side=True)
+        self.state = SHAKING
+        self.started = time.monotonic()
+        self.hello = bytearray()    # the first bytes, while shaking hands
+        self.received = 0           # bytes of the handshake so far
+        self.unsent = b''           # ciphertext the socket has not taken
+        self.unsent_plain = 0       # bytes of answers it holds
+        self.peer_closed = False    # the client's close_notify came
+        self.shown = None           # its facts, as the log shows them
+
+    def feed(self, data):
+        """Take the handshake's bytes as they come, keeping the hello's."""
+        self.received += len(data)
+        if len(self.hello) < HELLO_RECORD_BYTES:
+            self.hello += data[:HELLO_RECORD_BYTES - len(self.hello)]
+        self.incoming.write(data)
+
+    def shake(self):
+        """A step of the handshake: True once it is done.  Raises
+        ssl.SSLError, or ValueError for a hello over MAX_HANDSHAKE_BYTES."""
+        try:
+            self.object.do_handshake()
+        except ssl.SSLWantReadError:
+            if self.received > MAX_HANDSHAKE_BYTES:
+                raise ValueError('the client sent over %s without finishing'
+                                 ' its handshake' % in_bytes(MAX_HANDSHAKE_BYTES))
+            return False
+        self.state = OPEN
+        return True
+
+    def facts(self):
+        """What the handshake told, raw: its version, cipher and ALPN, the
+        hello, the client's certificate.  The hello's bytes are let go."""
+        sslobj = self.object
+        facts = {'version': sslobj.version(), 'cipher': sslobj.cipher()[0],
+                 'alpn': sslobj.selected_alpn_protocol(),
+                 'hello': client_hello(self.hello)}
+        self.hello = None
+        if sslobj.context.verify_mode is ssl.CERT_OPTIONAL:
+            der = sslobj.getpeercert(binary_form=True)
+            facts['cert'] = der and (sslobj.getpeercert(), der)
+        return facts
+
+    def decrypt(self, data):
+        """The plaintext data completes, and all that came before: OpenSSL
+        keeps none back (select() would not see it)."""
+        if data:
+            self.incoming.write(data)
+        pieces = []
+        try:
+            while True:
+                piece = self.object.read(TLS_READ_BYTES)
+                if not piece:           # the client's close_notify
+                    self.peer_closed = True
+                    break
+                pieces.append(piece)
+        except ssl.SSLWantReadError:
+            pass
+        return b''.join(pieces)
+
+    def flush(self, sock):
+        """Send what TLS has for the client: True once all of it is out.
+        Raises what sock.send() raises but BlockingIOError.  (A handshake's
+        flight, a few KiB, always fits a new connection's socket buffer.)"""
+        if self.outgoing.pending:
+            self.unsent += self.outgoing.read()
+        if self.unsent:
+            try:
+                self.unsent = self.unsent[sock.send(self.unsent):]
+            except BlockingIOError:
+                pass
+        return not self.unsent
+
+    def send(self, sock, data):
+        """Send data's first bytes, encrypted: how many of them are out, 0
+        until all of their ciphertext is (the caller offers the same bytes
+        again, as it would to sock.send())."""
+        if not self.unsent:
+            piece = data[:TLS_SEND_BYTES]
+            self.object.write(piece)
+            self.unsent_plain = len(piece)
+        if not self.flush(sock):
+            return 0
+        sent, self.unsent_plain = self.unsent_plain, 0
+        return sent
+
+    def goodbye(self, sock):
+        """Write close_notify, as far as the socket takes it at once; the
+        client's own is not waited for."""
+        if self.state is not OPEN:
+            return
+        self.state = SAID_GOODBYE
+        try:
+            self.object.unwrap()
+        except ssl.SSLError:
+            pass        # SSLWantReadError: the client's close_notify
+        try:
+            self.flush(sock)
+        except OSError:
+            pass
+
+
 # -- The connection ------------------------------------------------------------
 
 def body_of(request):
@@ -3733,6 +4095,8 @@ def body_of(request):
 # _state.py keeps its table the same way), so a mistake in the order of
 # things raises instead of leaving a connection half done.
 PREFACE = 'preface'     # from a trusted proxy: a PROXY header may come first
+GREETING = 'greeting'   # TLS_CERT is set: the first byte tells HTTPS from HTTP
+HANDSHAKE = 'handshake'  # a TLS hello came: shaking hands
 IDLE = 'idle'           # between requests: waiting for a request's first byte
 HEAD = 'head'           # a request has begun: waiting for its blank line
 BODY = 'body'           # reading the request's body through its reader
@@ -3749,6 +4113,9 @@ CLOSED = 'closed'
 # What moves a connection from one state to the next: the table is keyed by
 # these, as h11's is by event, so each move names its cause.
 PREFACE_READ = 'preface read'       # a PROXY header, or none, was read
+PLAIN = 'plain'                     # the first byte is not a TLS record's
+HELLO = 'hello'                     # the first byte begins a TLS record
+SHAKEN = 'shaken'                   # the TLS handshake is done
 FIRST_BYTE = 'first byte'           # a request begins
 BODY_FOLLOWS = 'body follows'       # its head is read, and it has a body
 ANSWERED = 'answered'               # the answer is written; more may come
@@ -3758,7 +4125,9 @@ INPUT_ENDED = 'input ended'         # the client half-closed, answers wait
 HALF_CLOSED = 'half-closed'         # the last answer is out, our side shut
 CLOSE = 'close'
 MOVES = {
-    PREFACE: {PREFACE_READ: IDLE, FIRST_BYTE: HEAD, CLOSE: CLOSED},
+    PREFACE: {PREFACE_READ: GREETING, FIRST_BYTE: HEAD, CLOSE: CLOSED},
+    GREETING: {PLAIN: IDLE, HELLO: HANDSHAKE, FIRST_BYTE: HEAD, CLOSE: CLOSED},
+    HANDSHAKE: {SHAKEN: IDLE, FIRST_BYTE: HEAD, CLOSE: CLOSED},
     IDLE: {FIRST_BYTE: HEAD, INPUT_ENDED: FINISHING, CLOSE: CLOSED},
     HEAD: {BODY_FOLLOWS: BODY, ANSWERED: IDLE, LAST_ANSWERED: CLOSING,
            CLOSE: CLOSED},
@@ -3769,7 +4138,7 @@ MOVES = {
     LINGER: {CLOSE: CLOSED},
     CLOSED: {},
 }
-SERVING = (PREFACE, IDLE, HEAD, BODY)   # states that read requests
+SERVING = (PREFACE, GREETING, IDLE, HEAD, BODY)   # states that read requests
 DROPPING = (CLOSING, DRAINING, LINGER)  # states that drop what arrives
 
 
@@ -3807,7 +4176,9 @@ class Connection(BaseHTTPRequestHandler):
         # A trusted peer's requests name their clients (forward()).
         self.forwards = bool(SETTINGS.trusted_proxies) and trusted(
             host, SETTINGS.trusted_proxies)
-        self.state = PREFACE if self.forwards else IDLE
+        self.state = (PREFACE if self.forwards
+                      else GREETING if SETTINGS.tls else IDLE)
+        self.tls = None           # a TLS, once its hello came
         self.request = None       # the request under way
         self.log = None           # the latest request's: news go there
         self.inbuf = bytearray()
@@ -3843,7 +4214,7 @@ class Connection(BaseHTTPRequestHandler):
     def receive(self):
         """Take what the client sent and serve(): True if more is left."""
         try:       # what is not served yet is at most a head in the making
-            data = self.connection.recv(RECV_BYTES - len(self.inbuf))
+            data = self.connection.recv(max(1, RECV_BYTES - len(self.inbuf)))
         except BlockingIOError:
             return False
         except OSError:
@@ -3851,6 +4222,13 @@ class Connection(BaseHTTPRequestHandler):
         if not data:
             self.end_of_input()
             return False
+        if self.tls is not None:
+            return self.take_tls(data)
+        return self.take(data)
+
+    def take(self, data):
+        """Bytes the client sent (decrypted, over TLS): served, or dropped
+        after the last answer.  True if requests are left to serve."""
         if self.state in DROPPING:
             if self.state is CLOSING:
                 self.move(STILL_SENDING)    # linger after the answer
@@ -3868,6 +4246,8 @@ class Connection(BaseHTTPRequestHandler):
         """Serve the requests that are complete in inbuf, in order, while
         there is room for their answers, but no more than MAX_REQUESTS_A_TURN
         a round: True if more may wait for the next round."""
+        if self.state is HANDSHAKE:     # a step put off (take_tls())
+            return self.take_tls(b'')
         try:
             for _ in range(MAX_REQUESTS_A_TURN):
                 if not (self.inbuf and len(self.wfile) < MAX_PENDING_OUTPUT
@@ -3875,6 +4255,10 @@ class Connection(BaseHTTPRequestHandler):
                     return False
                 if self.state is PREFACE and not self.take_preface():
                     return False
+                if self.state is GREETING:
+                    if self.inbuf[0] == 0x16 and SETTINGS.tls is not None:
+                        return self.greet()
+                    self.move(PLAIN)
                 if self.state is IDLE:
                     if not starts_request(self.inbuf):
                         return False
@@ -3893,7 +4277,8 @@ class Connection(BaseHTTPRequestHandler):
         was_full = len(self.wfile) >= MAX_PENDING_OUTPUT
         if self.wfile:
             try:
-                sent = self.connection.send(self.wfile)
+                sent = (self.connection.send(self.wfile) if self.tls is None
+                        else self.tls.send(self.connection, self.wfile))
             except BlockingIOError:
                 sent = 0
             except OSError as error:
@@ -3925,6 +4310,8 @@ class Connection(BaseHTTPRequestHandler):
         request is due (Request.due())."""
         if self.state is LINGER:
             return self.linger_until
+        if self.state is HANDSHAKE:
+            return self.tls.started + HEAD_TIMEOUT
         idle_until = self.active_at + IDLE_TIMEOUT
         if self.request is not None:
             return min(idle_until, self.request.due())
@@ -3937,6 +4324,10 @@ class Connection(BaseHTTPRequestHandler):
             self.log.at('handler').error('client did not read its answer for'
                                          ' %g s; connection closed', IDLE_TIMEOUT)
             self.close()
+            return
+        if self.state is HANDSHAKE:
+            self.begin_what_arrived()
+            self.abandon('not complete within %g s' % HEAD_TIMEOUT)
             return
         self.begin_what_arrived()
         if self.request is not None:
@@ -3951,7 +4342,7 @@ class Connection(BaseHTTPRequestHandler):
 
     def idle(self):
         """True when closing the connection loses nothing at all."""
-        return self.state in (PREFACE, IDLE, LINGER) and not (
+        return self.state in (PREFACE, GREETING, IDLE, LINGER) and not (
             self.wfile or self.inbuf)
 
     def abandon(self, reason):
@@ -3978,6 +4369,8 @@ class Connection(BaseHTTPRequestHandler):
                 self.dropped, quoted(self.dropped_start, self.dropped))
         self.move(CLOSE)
         self.server.forget(self)
+        if self.tls is not None:
+            self.tls.goodbye(self.connection)
         self.connection.close()
 
     # A request, from its first byte to its answer.
@@ -4001,6 +4394,82 @@ class Connection(BaseHTTPRequestHandler):
         self.move(PREFACE_READ)
         return bool(self.inbuf)
 
+    def greet(self):
+        """The connection's first byte is 0x16, a TLS record: shake hands,
+        with what inbuf holds.  True if more is left to serve (take_tls())."""
+        self.tls = TLS(SETTINGS.tls)
+        self.move(HELLO)
+        data = bytes(self.inbuf)
+        del self.inbuf[:]
+        if len(self.server.handshaking) >= MAX_HANDSHAKES:
+            self.tls.feed(data)
+            self.tls_failed('kek shakes %d hands at most at once; connection'
+                            ' closed' % MAX_HANDSHAKES)
+            return False
+        self.server.handshaking.add(self)
+        return self.take_tls(data)
+
+    def take_tls(self, data):
+        """Ciphertext from the client: the handshake's next step, or the
+        requests' bytes it carries, taken.  A handshake step costs a fraction
+        of a millisecond: past MAX_HANDSHAKE_STEPS a round, it waits for the
+        next (serve() takes it up).  True if more is left to serve."""
+        tls = self.tls
+        try:
+            if self.state is HANDSHAKE:
+                tls.feed(data)
+                data = b''
+                if self.server.steps_left <= 0:
+                    return True
+                self.server.steps_left -= 1
+                done = tls.shake()
+                tls.flush(self.connection)      # its next flight
+                if not done:
+                    return False
+                self.move(SHAKEN)
+                self.server.handshaking.discard(self)
+                tls.shown = shown_tls(tls.facts())
+                self.active_at = time.monotonic()
+            plain = tls.decrypt(data)
+            tls.flush(self.connection)
+        except (ssl.SSLError, ValueError) as error:
+            try:
+                tls.flush(self.connection)      # the alert that says why
+            except OSError:
+                pass
+            self.tls_failed(error)
+            return False
+        except OSError as error:
+            self.tls_failed('the client is gone: %s' % error)
+            return False
+        more = self.take(plain) if plain else False
+        if tls.peer_closed and self.state is not CLOSED:
+            self.end_of_input()
+            return False
+        return more
+
+    def tls_failed(self, error):
+        """The handshake, or TLS after it, failed: said under a fresh key
+        (with the hello's facts while shaking hands), and closed."""
+        if isinstance(error, ssl.SSLError):
+            reason = handshake_failure(error, client_hello(self.tls.hello or b''))
+        else:
+            reason = str(error)
+        if self.state is HANDSHAKE:
+            self.begin_what_arrived()
+            self.abandon(reason)
+            return
+        reason = 'TLS failed: ' + reason
+        self.begin_what_arrived()
+        if self.state is HEAD or self.state is BODY:
+            self.abandon(reason)
+            return
+        if self.log is None:
+            self.begin_request()
+            self.log = self.request.log
+        self.log.at('handler').error(reason)
+        self.close()
+
     def begin_request(self):
         self.move(FIRST_BYTE)
         started = self.active_at = time.monotonic()
@@ -4008,6 +4477,8 @@ class Connection(BaseHTTPRequestHandler):
         self.request = Request(key, started, self.client,
                                RequestLog(key, started, 'query'))
         self.request.via = self.via
+        if self.tls is not None:
+            self.request.tls = self.tls.shown
         self.log = self.request.log
 
     def take_head(self):
@@ -4103,7 +4574,12 @@ class Connection(BaseHTTPRequestHandler):
         """Bytes that may begin a request (a PROXY v2 header is not yet told
         from blank lines) begin one, when the connection ends: its news are
         then told under a key."""
-        if self.state in (PREFACE, IDLE) and self.inbuf.strip(b'\r\n'):
+        if self.state is HANDSHAKE:
+            hello = bytes(self.tls.hello)
+            self.begin_request()
+            self.request.handshake = hello
+        elif self.state in (PREFACE, GREETING, IDLE) and self.inbuf.strip(
+                b'\r\n'):
             self.begin_request()
 
     def end_of_input(self):
@@ -4118,6 +4594,8 @@ class Connection(BaseHTTPRequestHandler):
 
     def half_close(self):
         """Shut our side; drop what still arrives for LINGER_TIMEOUT."""
+        if self.tls is not None:
+            self.tls.goodbye(self.connection)
         try:
             self.connection.shutdown(socket.SHUT_WR)
         except OSError:         # reset by the client meanwhile
@@ -4293,6 +4771,8 @@ class Server:
         self.connections = set()
         self.max_connections = connection_limit()
         self.ready = set()          # connections with bytes to serve
+        self.handshaking = set()    # connections shaking hands (TLS)
+        self.steps_left = MAX_HANDSHAKE_STEPS   # this round's, of handshakes
         self.touched = set()        # connections that did something this round
         self.stopping = False
         self.stop_at = None         # when stopping abandons what is left
@@ -4302,9 +4782,10 @@ class Server:
         self.resume_accept_at = 0.0
         self.date = email.utils.formatdate(usegmt=True)
 
-    def url(self):
+    def url(self, scheme='http'):
         host, port = self.server_address[:2]
-        return 'http://%s:%d' % ('[%s]' % host if ':' in host else host, port)
+        return '%s://%s:%d' % (scheme, '[%s]' % host if ':' in host else host,
+                               port)
 
     def serve_forever(self):
         """Run rounds until shutdown() and until requests in flight are
@@ -4322,6 +4803,7 @@ class Server:
         # Connections with requests left from the last round: each gets
         # its turn this round, and is not read until they are served.
         ready, self.ready = self.ready, set()
+        self.steps_left = MAX_HANDSHAKE_STEPS
         for key, events in self.selector.select(
                 0 if ready else self.wait(self.next_sweep)):
             conn = key.data
@@ -4492,6 +4974,7 @@ class Server:
     def forget(self, conn):
         self.connections.discard(conn)
         self.ready.discard(conn)
+        self.handshaking.discard(conn)
         self.selector.unregister(conn.connection)
 
     def shutdown(self):
@@ -4596,6 +5079,10 @@ def read_settings(argv, environ):
             raise SettingError('WEBHOOK_SIGNATURE_HEADER=%r needs'
                                ' WEBHOOK_SECRET, the secret it is made with'
                                % header)
+    try:
+        settings.tls = tls_context(settings)
+    except ValueError as error:
+        raise SettingError(error)
     return settings
 
 
@@ -4649,10 +5136,12 @@ def main(argv=None, environ=os.environ):
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, frame: server.shutdown())
     signal.signal(signal.SIGHUP, lambda signum, frame: writer.request_reopen())
-    server_log().info('listening on %s', server.url())
+    urls = server.url()
+    if settings.tls is not None:
+        urls += ' and ' + server.url('https')
+    server_log().info('listening on %s', urls)
     if settings.log_file:
-        report('listening on %s, logging to %s' % (server.url(),
-                                                   settings.log_file))
+        report('listening on %s, logging to %s' % (urls, settings.log_file))
     try:
         server.serve_forever()
     finally:

@@ -1667,6 +1667,10 @@ def test_a_body_of_more_than_max_chunks_is_refused(monkeypatch):
 
 # -- Parsing and framing -------------------------------------------------------
 
+TLS_ON_PLAIN = ('not an HTTP/1.x request: a TLS handshake on a plain HTTP'
+                ' port (TLS_CERT makes kek serve HTTPS here), ')
+
+
 def client_hello(server_name):
     """The first bytes a real TLS client sends (Python's ssl module)."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -1988,19 +1992,15 @@ CONFORMANCE = [
      ['more than 100 trailer lines']),
     # Other protocols, named.
     ('TLS with a server name', client_hello('example.com'),
-     ['not an HTTP/1.x request: a TLS handshake on a plain HTTP port, server'
-      ' name example.com, ALPN [], JA4 %s' % independent_ja4(
+     [TLS_ON_PLAIN + 'server name example.com, ALPN [], JA4 %s' % independent_ja4(
           client_hello('example.com'))]),
     ('TLS without a server name', client_hello(None),
-     ['not an HTTP/1.x request: a TLS handshake on a plain HTTP port, no'
-      ' server name in its first bytes, ALPN [], JA4 %s' % independent_ja4(
+     [TLS_ON_PLAIN + 'no server name in its first bytes, ALPN [], JA4 %s' % independent_ja4(
           client_hello(None))]),
     ('TLS cut short', client_hello('example.com')[:60],
-     ['not an HTTP/1.x request: a TLS handshake on a plain HTTP port, no'
-      ' server name in its first bytes']),
+     [TLS_ON_PLAIN + 'no server name in its first bytes']),
     ('TLS, not a hello', b'\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00',
-     ['not an HTTP/1.x request: a TLS handshake on a plain HTTP port, no'
-      ' server name in its first bytes']),
+     [TLS_ON_PLAIN + 'no server name in its first bytes']),
     ('HTTP/2 preface', b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n',
      ['not an HTTP/1.x request: the HTTP/2 connection preface'
       ' (PRI * HTTP/2.0)']),
@@ -3055,7 +3055,7 @@ def receive(conn, client, data):
 def test_every_move_outside_the_table_raises(harness):
     _, conn, _ = harness
     events = {event for moves in kek.MOVES.values() for event in moves}
-    assert len(events) == 9
+    assert len(events) == 12
     for state, moves in kek.MOVES.items():
         for event in events - set(moves):
             conn.state = state
@@ -4422,7 +4422,8 @@ class Process:
         environ = dict(os.environ, PORT='0', HOST='127.0.0.1')
         for name in ('LOG_FILE', 'LOG_FORMAT', 'LOG_HEADERS', 'LOG_BODY',
                      'CORS', 'WEBHOOK_SECRET', 'WEBHOOK_SIGNATURE_HEADER',
-                     'TRUSTED_PROXIES', 'LOG_SKIP'):
+                     'TRUSTED_PROXIES', 'LOG_SKIP', 'TLS_CERT', 'TLS_KEY',
+                     'TLS_CLIENT_CA'):
             environ.pop(name, None)
         if log_file:
             environ['LOG_FILE'] = str(self.log_path)
@@ -4505,7 +4506,8 @@ def test_defaults_are_the_documented_ones():
         'host': '0.0.0.0', 'port': 8000, 'log_format': 'text',
         'log_file': None, 'log_headers': True, 'log_body': 1024, 'cors': True,
         'webhook_secret': None, 'webhook_signature_header': None,
-        'trusted_proxies': (), 'log_skip': frozenset(), 'sources': {}}
+        'trusted_proxies': (), 'log_skip': frozenset(), 'tls_cert': None,
+        'tls_key': None, 'tls_client_ca': None, 'tls': None, 'sources': {}}
 
 
 def test_every_setting_has_its_largest_value():
@@ -4521,7 +4523,8 @@ def test_every_setting_has_its_largest_value():
         # the secret's bytes as they were in the environment
         'webhook_secret': b's\xff', 'webhook_signature_header': 'x-' + 'a' * 254,
         'trusted_proxies': kek.networks('0.0.0.0/0,::/0'),
-        'log_skip': frozenset({'/healthz', '/a/b'}),
+        'log_skip': frozenset({'/healthz', '/a/b'}), 'tls_cert': None,
+        'tls_key': None, 'tls_client_ca': None, 'tls': None,
         'sources': {'trusted_proxies': 'TRUSTED_PROXIES', 'log_skip': 'LOG_SKIP',
                     'port': '--port', 'host': 'HOST', 'log_file': 'LOG_FILE',
                     'log_format': 'LOG_FORMAT', 'log_headers': 'LOG_HEADERS',
@@ -6544,3 +6547,700 @@ def test_the_loop_reports_quiet_counts_every_interval(quiet_trap, monkeypatch):
     quiet_trap.request(url='/ping')
     wait_for(lambda: any(' main skipped 1 request to /ping in the last 0 s'
                          in line for line in quiet_trap.lines()))
+
+
+# -- HTTPS on kek's own port ---------------------------------------------------
+
+# Certificates made once with openssl for these tests (EC P-256, valid to
+# 2126): a CA, kek's certificate from it (localhost, 127.0.0.1), a client's
+# from it, and another CA's client.  Test keys, never used anywhere else.
+CA_PEM = '''\
+-----BEGIN CERTIFICATE-----
+MIIBhDCCASmgAwIBAgIUNY9Qw+GHrl+YskggHEn02EyTMwswCgYIKoZIzj0EAwIw
+FjEUMBIGA1UEAwwLa2VrIHRlc3QgQ0EwIBcNMjYxMjA0MDYxNDA2WhgPMjEyNjEx
+MTAwNjE0MDZaMBYxFDASBgNVBAMMC2tlayB0ZXN0IENBMFkwEwYHKoZIzj0CAQYI
+KoZIzj0DAQcDQgAEB/g+l4t0uEk5phMNyrbr/FGbIj/e0VVERJ5QtL+jytD4mtDy
+GpRMJzqU+u6vX0FsqH57aeZLeXGQIm3piV9aiKNTMFEwHQYDVR0OBBYEFPp+jSak
+7iPAJ7oI7YA535Zwy0G3MB8GA1UdIwQYMBaAFPp+jSak7iPAJ7oI7YA535Zwy0G3
+MA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSQAwRgIhAKtAFZGbV+jCPicy
+GAQB0Bi58TJkI8cw66N3lo1oH2mnAiEAk4Tsl65cJ77jIdY3a4+EPZOoOeb9HFXl
+iIJ2lLbhyKc=
+-----END CERTIFICATE-----
+'''
+SERVER_PEM = '''\
+-----BEGIN CERTIFICATE-----
+MIIBjDCCATKgAwIBAgIUVAIj6FuorZMETvwOVMH8Sn3VhdAwCgYIKoZIzj0EAwIw
+FjEUMBIGA1UEAwwLa2VrIHRlc3QgQ0EwIBcNMjYxMjA0MDYxNDA2WhgPMjEyNjEx
+MTAwNjE0MDZaMBQxEjAQBgNVBAMMCWxvY2FsaG9zdDBZMBMGByqGSM49AgEGCCqG
+SM49AwEHA0IABHzwI+Mbh1uUhUZRD3BuK23ztyNxe9/Czqjfr514OROpr/Q2cHrv
+pIGAYWjdKQzubo4FIt8y6kUv0qZ2uQCzOKqjXjBcMBoGA1UdEQQTMBGCCWxvY2Fs
+aG9zdIcEfwAAATAdBgNVHQ4EFgQU+8hUHrxod8bJ4+lh/uLsmIdSxk0wHwYDVR0j
+BBgwFoAU+n6NJqTuI8AnugjtgDnflnDLQbcwCgYIKoZIzj0EAwIDSAAwRQIgW7I/
+ZCUNSHKEqaTZjol05qddNXIP6NHedMplzdUwdOkCIQDhU9pkZwMLjZSchGIQ80Is
+xmdB5SJePE1h/GUip4tZDQ==
+-----END CERTIFICATE-----
+'''
+SERVER_KEY = '''\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg2p8jAPTVPHvxhvmM
+b2s3HCxGrBbLrfivTRZlwNJKgUShRANCAAR88CPjG4dblIVGUQ9wbitt87cjcXvf
+ws6o36+deDkTqa/0NnB676SBgGFo3SkM7m6OBSLfMupFL9KmdrkAsziq
+-----END PRIVATE KEY-----
+'''
+CLIENT_PEM = '''\
+-----BEGIN CERTIFICATE-----
+MIIBPzCB5QIUVAIj6FuorZMETvwOVMH8Sn3VhdEwCgYIKoZIzj0EAwIwFjEUMBIG
+A1UEAwwLa2VrIHRlc3QgQ0EwIBcNMjYxMjA0MDYxNDA2WhgPMjEyNjExMTAwNjE0
+MDZaMCwxGDAWBgNVBAMMD2tlayB0ZXN0IGNsaWVudDEQMA4GA1UECgwHRXhhbXBs
+ZTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABNCJ/f9rc+yC+djTlQ9gSLQF2sgc
+eEbgtIl8zCT/yHplWdQ1FELtl7UtmPJPJwBtSO14i7xYo9Aw49AbReky5dQwCgYI
+KoZIzj0EAwIDSQAwRgIhAIaf11OcCo70fFIN0YwbfDmhPFsuH6nNBjC7rmssR9TI
+AiEAz88dS9FZdyRKhDv4yTPHOW3vR6Id0Nj9qRxbkvBShHc=
+-----END CERTIFICATE-----
+'''
+CLIENT_KEY = '''\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg2zLZJA/fM7zDIb+e
+dfoanUScZii5DxN82l08NgkNZMqhRANCAATQif3/a3PsgvnY05UPYEi0BdrIHHhG
+4LSJfMwk/8h6ZVnUNRRC7Ze1LZjyTycAbUjteIu8WKPQMOPQG0XpMuXU
+-----END PRIVATE KEY-----
+'''
+OTHER_PEM = '''\
+-----BEGIN CERTIFICATE-----
+MIIBgjCCASegAwIBAgIUdE6b3fXBBr0YkYswtiyrZ148a1cwCgYIKoZIzj0EAwIw
+FTETMBEGA1UEAwwKYW5vdGhlciBDQTAgFw0yNjEyMDQwNjE0MDZaGA8yMTI2MTEx
+MDA2MTQwNlowFTETMBEGA1UEAwwKYW5vdGhlciBDQTBZMBMGByqGSM49AgEGCCqG
+SM49AwEHA0IABPbcCaCaHf9V9mepHClViCYBa8Cq3fq1XvNxMmBlP6XQL7omrnS7
+3FK9hucwagxXHC7Cuu3jip8DQ1LmtPmgajKjUzBRMB0GA1UdDgQWBBTfNQ8eoLUf
+nnGAJu4eFKJ14vayVTAfBgNVHSMEGDAWgBTfNQ8eoLUfnnGAJu4eFKJ14vayVTAP
+BgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQDNRAS72K0cFSg5Cfkc
+ohQcxZdeEDNBEARuhS5Nslw1gAIhAIyaPoG/UYXBD5KxZny9FewXxqsOUWO9/dCb
+9kjrsBF8
+-----END CERTIFICATE-----
+'''
+STRANGER_PEM = '''\
+-----BEGIN CERTIFICATE-----
+MIIBJTCBywIUIYafcFmuqW17mI8qdhe8QbaI3GAwCgYIKoZIzj0EAwIwFTETMBEG
+A1UEAwwKYW5vdGhlciBDQTAgFw0yNjEyMDQwNjE0MDZaGA8yMTI2MTExMDA2MTQw
+NlowEzERMA8GA1UEAwwIc3RyYW5nZXIwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNC
+AATt1T5slMy/4o1SWROLYblwOqyktStwkV3YgivcpknYqpleKfj8JUsToBL6rpi+
+bKccvjO7BxxjKhOpKXe64LVEMAoGCCqGSM49BAMCA0kAMEYCIQDnPrUnbHlLwRsn
+uzppFBUIxNkdw4UTLaGz4ofjrpu3TwIhAO+9wymiKtTA45UHBK80SDnyH8V41eW2
+i5dFPU1KUx9Y
+-----END CERTIFICATE-----
+'''
+STRANGER_KEY = '''\
+-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQglb54qcdvw9Pvq+Yf
+WGgm0DF/8BMW1Zj45mHdmjZZ8RahRANCAATt1T5slMy/4o1SWROLYblwOqyktStw
+kV3YgivcpknYqpleKfj8JUsToBL6rpi+bKccvjO7BxxjKhOpKXe64LVE
+-----END PRIVATE KEY-----
+'''
+
+
+@pytest.fixture
+def pems(tmp_path):
+    """The PEM files, by name, in tmp_path."""
+    files = {}
+    for name, text in (('ca.pem', CA_PEM), ('server.pem', SERVER_PEM),
+                       ('server.key', SERVER_KEY), ('client.pem', CLIENT_PEM),
+                       ('client.key', CLIENT_KEY), ('other.pem', OTHER_PEM),
+                       ('stranger.pem', STRANGER_PEM),
+                       ('stranger.key', STRANGER_KEY),
+                       ('both.pem', SERVER_PEM + SERVER_KEY)):
+        files[name] = tmp_path / name
+        files[name].write_text(text)
+    return {name: str(path) for name, path in files.items()}
+
+
+def tls_settings(pems, **more):
+    settings = kek.Settings(tls_cert=pems['both.pem'], **more)
+    return kek.tls_context(settings)
+
+
+@pytest.fixture
+def tls_trap(tmp_path, pems, monkeypatch):
+    monkeypatch.setattr(kek.SETTINGS, 'tls', tls_settings(pems))
+    server = Trap(tmp_path, kek.TextFormatter())
+    server.pems = pems
+    yield server
+    server.stop()
+    server.read()
+
+
+@pytest.fixture
+def tls_json_trap(tmp_path, pems, monkeypatch):
+    monkeypatch.setattr(kek.SETTINGS, 'tls', tls_settings(pems))
+    server = Trap(tmp_path, kek.JsonFormatter())
+    server.pems = pems
+    yield server
+    server.stop()
+
+
+def client_context(pems, alpn=('http/1.1',), cert=None):
+    context = ssl.create_default_context(cafile=pems['ca.pem'])
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
+    if cert:
+        context.load_cert_chain(pems[cert + '.pem'], pems[cert + '.key'])
+    return context
+
+
+def https(trap, url='/api?x=1', method='GET', body=None, context=None,
+          headers=None):
+    conn = http.client.HTTPSConnection(
+        'localhost', trap.port, timeout=5,
+        context=context or client_context(trap.pems))
+    conn.request(method, url, body=body, headers=headers or {})
+    answer = conn.getresponse()
+    data = answer.read()
+    conn.close()
+    return answer, data
+
+
+def tls_socket(trap, context=None, name='localhost'):
+    sock = trap.connect()
+    return (context or client_context(trap.pems)).wrap_socket(
+        sock, server_hostname=name)
+
+
+def hello_of(context, name='localhost'):
+    """The ClientHello a context sends: JA4 is the same on each connection."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_https_and_http_are_served_on_one_port(tls_trap):
+    context = client_context(tls_trap.pems, alpn=('h2', 'http/1.1'))
+    answer, _ = https(tls_trap, '/api?over=tls', context=context)
+    plain, _ = tls_trap.request(url='/api?over=plain')
+    tls_key, plain_key = (answer.getheader('X-Request-Id'),
+                          plain.getheader('X-Request-Id'))
+    chain = tls_trap.wait_chain(tls_key, 5)
+    assert [entry[2] for entry in chain[1:]] == [
+        'done', 'done', 'done', 'responded 200 status=ok']
+    fields = arrival_fields(chain[0][2])
+    tls = json.loads(re.search(r' tls=(\{.*?\}) params=', chain[0][2]).group(1))
+    assert tls == {
+        'version': 'TLSv1.3', 'cipher': tls['cipher'], 'alpn': 'http/1.1',
+        'server_name': 'localhost', 'alpn_offered': ['h2', 'http/1.1'],
+        'versions_offered': tls['versions_offered'],
+        'ja4': independent_ja4(hello_of(context))}
+    assert tls['cipher'].startswith('TLS_') and 'TLS 1.3' in tls[
+        'versions_offered']
+    assert fields['params'] == {'over': ['tls']}
+    plain_arrival = tls_trap.wait_chain(plain_key, 5)[0][2]
+    assert ' tls=' not in plain_arrival and 'over=plain' in plain_arrival
+
+
+def test_tls_facts_are_fields_of_their_own_in_json(tls_json_trap):
+    answer, _ = https(tls_json_trap, '/api?j=1')
+    key = answer.getheader('X-Request-Id')
+    records = wait_for(lambda: [json.loads(line) for line in
+                                tls_json_trap.lines() if key in line][:1])
+    assert records[0]['tls']['version'] == 'TLSv1.3'
+    assert records[0]['tls']['alpn'] == 'http/1.1'
+    assert records[0]['tls']['server_name'] == 'localhost'
+    assert records[0]['client'].startswith('127.0.0.1:')
+
+
+def test_keep_alive_pipelining_and_chunked_bodies_over_tls(tls_trap):
+    with tls_socket(tls_trap) as sock:
+        sock.sendall(b'GET /api?n=1 HTTP/1.1\r\nHost: x\r\n\r\n'
+                     b'POST /api?n=2 HTTP/1.1\r\nHost: x\r\n'
+                     b'Transfer-Encoding: chunked\r\n\r\n'
+                     b'3\r\nabc\r\n0\r\n\r\n'
+                     b'GET /api?n=3 HTTP/1.1\r\nHost: x\r\n\r\n')
+        data = b''
+        deadline = time.monotonic() + 5
+        while data.count(b'HTTP/1.1 200 OK') < 3 and time.monotonic() < deadline:
+            data += sock.recv(65536)
+        sock.sendall(b'GET /api?n=4 HTTP/1.1\r\nHost: x\r\nConnection: close'
+                     b'\r\n\r\n')
+        data += recv_until_closed(sock)
+    answers = parse_responses(data)
+    assert len(answers) == 4
+    keys = [headers['X-Request-Id'] for _, headers, _ in answers]
+    assert len(set(keys)) == 4
+    body = [line for line in tls_trap.wait_chain(keys[1], 4)
+            if line[2].startswith('body ')]
+    assert body and 'sha256=%s' % sha(b'abc') in body[0][2]
+    assert ' tls={' in tls_trap.chain(keys[3])[0][2]
+
+
+def test_a_large_answer_and_body_cross_tls_records(tls_trap):
+    body = os.urandom(300 * 1024)
+    answer, data = https(tls_trap, '/api', method='POST', body=body,
+                         headers={'Content-Type': 'application/octet-stream'})
+    key = answer.getheader('X-Request-Id')
+    said = [entry[2] for entry in tls_trap.wait_chain(key, 4)]
+    assert any('sha256=%s' % sha(body) in line for line in said)
+    assert answer.status == 200 and json.loads(data)['request'] == key
+
+
+def handshake_record(trap, count=1):
+    """The records of failed handshakes: (message, hello fields)."""
+    def found():
+        lines = [line for line in trap.lines() if 'TLS handshake not finished'
+                 in line]
+        return len(lines) >= count and lines
+    return [re.fullmatch(r'(%s) \+[\d.]+ms ERROR handler client=127\.0\.0\.1:\d+'
+                         r' (.*); hello (\{.*\})' % KEY, line).groups()
+            for line in wait_for(found)]
+
+
+def test_a_client_that_does_not_trust_kek_is_named(tls_trap):
+    with pytest.raises(ssl.SSLCertVerificationError):
+        tls_socket(tls_trap, context=ssl.create_default_context())
+    [(key, message, hello)] = handshake_record(tls_trap)
+    assert message == ("TLS handshake not finished: the client does not trust"
+                       " kek's certificate (it answered: unknown CA)"
+                       " (TLSV1_ALERT_UNKNOWN_CA)")
+    hello = json.loads(hello)
+    assert hello['server_name'] == 'localhost'
+    assert hello['ja4'] == independent_ja4(hello_of(ssl.create_default_context()))
+    assert len(tls_trap.chain(key)) == 1
+    assert not tls_trap.server.handshaking
+
+
+def test_a_client_with_no_common_version_is_told_what_it_offers(tls_trap):
+    context = client_context(tls_trap.pems)
+    context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers('DEFAULT:@SECLEVEL=0')
+    with pytest.raises(ssl.SSLError):
+        tls_socket(tls_trap, context=context)
+    [(_, message, hello)] = handshake_record(tls_trap)
+    assert message == ('TLS handshake not finished: no common protocol version:'
+                       ' the client offers TLS 1.1, kek speaks TLS 1.2 and 1.3'
+                       ' (UNSUPPORTED_PROTOCOL)')
+    assert json.loads(hello)['versions_offered'] == ['TLS 1.1']
+
+
+def test_a_tls_record_then_junk_is_not_tls_after_all(tls_trap):
+    assert tls_trap.exchange(b'\x16junk that is no TLS at all\r\n\r\n') == b''
+    [(_, message, hello)] = handshake_record(tls_trap)
+    assert message == ('TLS handshake not finished: not TLS after all'
+                       ' (WRONG_VERSION_NUMBER)')
+    assert json.loads(hello) == {'hello': 'not a TLS ClientHello'}
+
+
+def test_a_reason_openssl_alone_knows_is_said_as_it_is():
+    class Failure(ssl.SSLError):
+        reason = 'SOMETHING_NEW'
+    assert kek.handshake_failure(Failure(), None) == (
+        'OpenSSL refused what the client sent (SOMETHING_NEW)')
+    assert kek.handshake_failure(ValueError('x'), None) == (
+        'OpenSSL refused what the client sent (ValueError)')
+
+
+def test_a_handshake_that_stalls_is_closed_at_the_head_deadline(tls_trap, fast):
+    hello = hello_of(client_context(tls_trap.pems))
+    with tls_trap.connect() as sock:
+        sock.sendall(hello[:40])
+        assert recv_until_closed(sock) == b''
+    [(_, message, hello_fields)] = handshake_record(tls_trap)
+    assert message == 'TLS handshake not finished: not complete within 0.3 s'
+    assert json.loads(hello_fields)['ja4'] is None      # not all of it came
+
+
+def test_a_client_that_leaves_during_the_handshake_is_said(tls_trap):
+    hello = hello_of(client_context(tls_trap.pems), name='gone.example')
+    with tls_trap.connect() as sock:
+        sock.sendall(hello)
+        sock.recv(1)            # kek's flight has begun
+    [(_, message, fields)] = handshake_record(tls_trap)
+    assert message == ('TLS handshake not finished: the client closed the'
+                       ' connection')
+    assert json.loads(fields)['server_name'] == 'gone.example'
+    assert json.loads(fields)['ja4'] == independent_ja4(hello)
+
+
+def test_a_handshake_over_its_byte_limit_is_closed(tls_trap, monkeypatch):
+    monkeypatch.setattr(kek, 'MAX_HANDSHAKE_BYTES', 100)
+    with tls_socket(tls_trap) as sock:     # its side may end, kek's did not
+        assert recv_until_closed(sock) == b''
+    [(_, message, _)] = handshake_record(tls_trap)
+    assert message == ('TLS handshake not finished: the client sent over 100'
+                       ' bytes without finishing its handshake')
+
+
+def test_handshakes_in_progress_are_bounded_in_number(tls_trap, monkeypatch):
+    monkeypatch.setattr(kek, 'MAX_HANDSHAKES', 1)
+    hello = hello_of(client_context(tls_trap.pems))
+    with tls_trap.connect() as first:
+        first.sendall(hello[:50])
+        wait_for(lambda: tls_trap.server.handshaking)
+        with tls_trap.connect() as second:
+            second.sendall(hello)
+            assert recv_until_closed(second) == b''
+        [(_, message, _)] = handshake_record(tls_trap)
+        assert message == ('TLS handshake not finished: kek shakes 1 hands at'
+                           ' most at once; connection closed')
+
+
+def test_handshake_steps_past_the_rounds_budget_wait_for_the_next(
+        harness, pems, monkeypatch):
+    monkeypatch.setattr(kek.SETTINGS, 'tls', tls_settings(pems))
+    server, _, _ = harness
+    client = socket.create_connection(server.server_address, timeout=5)
+    wait_for(lambda: server.accept() or len(server.connections) == 2)
+    conn = [c for c in server.connections if c.state is kek.GREETING][0]
+    client.sendall(hello_of(client_context(pems)))
+    readable(conn.connection)
+    server.steps_left = 0
+    assert conn.receive() is True           # put off: it is ready
+    assert conn.state is kek.HANDSHAKE
+    assert not select.select([client], [], [], 0.05)[0]
+    server.steps_left = 1
+    assert conn.serve() is False            # the step, taken up next round
+    assert server.steps_left == 0
+    readable(client)                        # kek's flight
+    client.close()
+
+
+def test_a_client_certificate_from_the_ca_is_shown_verified(
+        tmp_path, pems, monkeypatch):
+    monkeypatch.setattr(kek.SETTINGS, 'tls', tls_settings(
+        pems, tls_client_ca=pems['ca.pem']))
+    trap = Trap(tmp_path, kek.TextFormatter())
+    trap.pems = pems
+    try:
+        answer, _ = https(trap, context=client_context(pems, cert='client'))
+        none, _ = https(trap, '/api?none=1')
+        with pytest.raises((ssl.SSLError, OSError)):
+            with tls_socket(trap, client_context(pems, cert='stranger')) as sock:
+                sock.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\n\r\n')
+                sock.recv(1)
+        key = answer.getheader('X-Request-Id')
+        tls = json.loads(re.search(r' tls=(\{.*?\}\}) params=',
+                                   trap.wait_chain(key, 5)[0][2]).group(1))
+        der = ssl.PEM_cert_to_DER_cert(CLIENT_PEM)
+        decoded = ssl._ssl._test_decode_cert(pems['client.pem'])
+        iso = lambda text: time.strftime('%Y-%m-%dT%H:%M:%SZ', time.strptime(
+            text, '%b %d %H:%M:%S %Y GMT'))
+        assert tls['client_cert'] == {
+            'subject': 'CN=kek test client,O=Example', 'issuer': 'CN=kek test CA',
+            'not_before': iso(decoded['notBefore']),
+            'not_after': iso(decoded['notAfter']),
+            'sha256': hashlib.sha256(der).hexdigest(),
+            'verified': 'against TLS_CLIENT_CA'}
+        assert tls['client_cert']['not_after'].startswith('2126-')
+        none_arrival = trap.wait_chain(none.getheader('X-Request-Id'), 5)[0][2]
+        assert '"client_cert": "none sent"' in none_arrival
+        [(_, message, _)] = handshake_record(trap)
+        assert message == (
+            'TLS handshake not finished: the client certificate does not verify'
+            ' against TLS_CLIENT_CA: unable to get local issuer certificate'
+            ' (the standard library cannot take a certificate it cannot'
+            ' verify, so the handshake ends) (CERTIFICATE_VERIFY_FAILED)')
+    finally:
+        trap.stop()
+
+
+def test_a_certificates_names_go_through_the_rules():
+    assert kek.shown_distinguished_name(
+        ((('commonName', 'api_key=hunter2hunter2'),), (('x-odd', 'v'),))) == (
+        'CN=api_key=<14 bytes>,x-odd=v')
+
+
+def test_a_client_close_notify_ends_the_connection_with_kek_s_own(tls_trap):
+    sock = tls_socket(tls_trap)
+    sock.sendall(b'GET /api?bye=1 HTTP/1.1\r\nHost: x\r\n\r\n')
+    data = b''
+    while not parse_responses_complete(data):
+        data += sock.recv(65536)
+    raw = sock.unwrap()         # close_notify sent, and kek's came back
+    assert recv_until_closed(raw) == b''
+    raw.close()
+    wait_for(lambda: not tls_trap.server.connections)
+    assert tls_trap.lines()[-1].endswith('responded 200 status=ok')
+
+
+def parse_responses_complete(data):
+    try:
+        return len(parse_responses(data)) == 1 and data.endswith(b'}\n')
+    except (ValueError, KeyError):
+        return False
+
+
+def test_bytes_that_break_tls_after_the_handshake_are_said(tls_trap):
+    sock = tls_socket(tls_trap)
+    # A record of application data whose bytes are junk: no MAC matches.
+    plain = socket.socket(fileno=os.dup(sock.fileno()))
+    plain.sendall(b'\x17\x03\x03\x00\x20' + b'\x00' * 32)
+    alert = recv_until_closed(plain)
+    assert alert[:1] == b'\x17'     # an encrypted alert, then the close
+    [line] = wait_for(lambda: [l for l in tls_trap.lines() if 'TLS failed' in l])
+    assert re.fullmatch(r'%s \+[\d.]+ms ERROR handler TLS failed: a record that'
+                        r' does not decrypt with the keys agreed'
+                        r' \(DECRYPTION_FAILED_OR_BAD_RECORD_MAC\)' % KEY, line)
+    plain.close()
+    sock.close()
+
+
+def test_tls_broken_in_the_middle_of_a_request_abandons_it(tls_trap):
+    sock = tls_socket(tls_trap)
+    sock.sendall(b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab')
+    wait_for(lambda: any(conn.state is kek.BODY
+                         for conn in tls_trap.server.connections))
+    plain = socket.socket(fileno=os.dup(sock.fileno()))
+    plain.sendall(b'\x17\x03\x03\x00\x20' + b'\x00' * 32)
+    [line] = wait_for(lambda: [l for l in tls_trap.lines() if 'TLS failed' in l])
+    assert line.endswith(' ERROR handler TLS failed: a record that does not'
+                         ' decrypt with the keys agreed'
+                         ' (DECRYPTION_FAILED_OR_BAD_RECORD_MAC); 8 body bytes'
+                         ' missing')
+    assert tls_trap.chain(line.split()[0])[0][2].startswith('POST /api client=')
+    plain.close()
+    sock.close()
+
+
+def test_stopping_with_tls_connections_open_says_what_was_left(tls_trap,
+                                                               monkeypatch):
+    monkeypatch.setattr(kek, 'SHUTDOWN_GRACE', 0.2)
+    shaking = tls_trap.connect()
+    shaking.sendall(hello_of(client_context(tls_trap.pems))[:30])
+    sending = tls_socket(tls_trap)
+    sending.sendall(b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n')
+    wait_for(lambda: sorted(c.state for c in tls_trap.server.connections)
+             == [kek.BODY, kek.HANDSHAKE])
+    tls_trap.stop()
+    text = tls_trap.text_of_log().decode()
+    assert 'TLS handshake not finished: server stopping' in text
+    assert re.search(r"ERROR handler server stopping; 9 body bytes missing", text), text
+    tls_trap.stop = lambda: None
+    shaking.close()
+    sending.close()
+
+
+@pytest.mark.parametrize('names, says', [
+    ({'TLS_CERT': 'missing.pem'}, "TLS_CERT='{dir}/missing.pem' cannot be"
+     " read: No such file or directory"),
+    ({'TLS_CERT': 'folder'}, "TLS_CERT='{dir}/folder' is not a file"),
+    ({'TLS_CERT': 'server.key'}, "TLS_CERT='{dir}/server.key' holds no PEM"
+     " certificate"),
+    ({'TLS_CERT': 'server.pem'}, "TLS_CERT='{dir}/server.pem' holds no PEM"
+     " private key"),
+    ({'TLS_CERT': 'server.pem', 'TLS_KEY': 'client.key'}, "TLS_KEY="
+     "'{dir}/client.key' holds a key that does not match the certificate of"
+     " TLS_CERT='{dir}/server.pem'"),
+    ({'TLS_CERT': 'server.pem', 'TLS_KEY': 'locked.key'}, "TLS_KEY="
+     "'{dir}/locked.key' holds a key with a password: kek reads keys without"
+     " one (openssl pkey -in KEY -out KEY.plain)"),
+    ({'TLS_CERT': 'broken.pem', 'TLS_KEY': 'server.key'}, "TLS_CERT="
+     "'{dir}/broken.pem' or TLS_KEY='{dir}/server.key' cannot be read as PEM:"
+     " [SSL] PEM lib"),
+    ({'TLS_KEY': 'server.key'}, "TLS_KEY='{dir}/server.key' needs TLS_CERT,"
+     " the certificate kek serves HTTPS with"),
+    ({'TLS_CLIENT_CA': 'ca.pem'}, "TLS_CLIENT_CA='{dir}/ca.pem' needs"
+     " TLS_CERT, the certificate kek serves HTTPS with"),
+    ({'TLS_CERT': 'both.pem', 'TLS_CLIENT_CA': 'server.key'},
+     "TLS_CLIENT_CA='{dir}/server.key' holds no PEM certificate"),
+    ({'TLS_CERT': 'both.pem', 'TLS_CLIENT_CA': 'broken.pem'},
+     "TLS_CLIENT_CA='{dir}/broken.pem' cannot be read as PEM certificates:"),
+    ({'TLS_CERT': ''}, "TLS_CERT='' is empty: name a PEM file, or leave it"
+     " unset for plain HTTP only"),
+])
+def test_bad_tls_settings_are_one_line_and_exit_2(capfd, tmp_path, pems,
+                                                   names, says):
+    (tmp_path / 'broken.pem').write_text(
+        '-----BEGIN CERTIFICATE-----\nnot base64 at all\n'
+        '-----END CERTIFICATE-----\n' + SERVER_KEY)
+    (tmp_path / 'folder').mkdir()
+    (tmp_path / 'locked.key').write_text(subprocess.run(
+        ['openssl', 'pkey', '-in', pems['server.key'], '-aes256', '-passout',
+         'pass:secret'], capture_output=True, text=True, check=True).stdout)
+    environ = {'PORT': '0', 'HOST': '127.0.0.1'}
+    for name, file in names.items():
+        environ[name] = file and str(tmp_path / file)
+    assert kek.main([], environ) == 2
+    out, err = capfd.readouterr()
+    assert out == '' and err.startswith(
+        'kek: ' + says.format(dir=tmp_path)) and err.count('\n') == 1
+
+
+def test_a_process_with_tls_cert_names_both_protocols_and_serves_https(
+        tmp_path, pems):
+    kek_process = Process(tmp_path, env={'TLS_CERT': pems['server.pem'],
+                                         'TLS_KEY': pems['server.key']})
+    line = wait_for(lambda: kek_process.log_path.exists()
+                    and kek_process.log_path.read_text().partition('\n')[0],
+                    timeout=10, what='the listening line')
+    port = int(re.fullmatch(r'%s \+\d+\.\d{3}ms INFO  main listening on http://'
+                            r'127\.0\.0\.1:(\d+) and https://127\.0\.0\.1:\1'
+                            % KEY, line).group(1))
+    kek_process.port = port
+    conn = http.client.HTTPSConnection('localhost', port, timeout=5,
+                                       context=client_context(pems))
+    conn.request('GET', '/api?secure=1')
+    assert conn.getresponse().status == 200
+    conn.close()
+    assert kek_process.get().status == 200
+    status, out, err = kek_process.stop()
+    assert status == 0 and err == ('kek: listening on http://127.0.0.1:%d and'
+                                   ' https://127.0.0.1:%d, logging to %s\n'
+                                   % (port, port, kek_process.log_path))
+    assert ' tls={"version": "TLSv1.3"' in kek_process.log_path.read_text()
+
+
+def test_the_hello_kept_for_its_facts_is_bounded(tls_trap, monkeypatch):
+    monkeypatch.setattr(kek, 'HELLO_RECORD_BYTES', 100)
+    answer, _ = https(tls_trap, '/api?cut=1')
+    arrival = tls_trap.wait_chain(answer.getheader('X-Request-Id'), 5)[0][2]
+    tls = json.loads(re.search(r' tls=(\{.*?\}) params=', arrival).group(1))
+    assert tls['ja4'] is None and tls['server_name'] is None   # past 100 bytes
+
+
+class Trickle:
+    """A socket that takes `size` bytes a send, or none (BlockingIOError)."""
+
+    def __init__(self, size):
+        self.size = size
+        self.sent = b''
+
+    def send(self, data):
+        if not self.size:
+            raise BlockingIOError(errno.EAGAIN, 'full')
+        self.sent += bytes(data[:self.size])
+        return min(len(data), self.size)
+
+
+def shaken(pems):
+    """kek's TLS and a client's SSLObject, the handshake done in memory."""
+    tls = kek.TLS(tls_settings(pems))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(pems).wrap_bio(incoming, outgoing,
+                                           server_hostname='localhost')
+    while tls.state is kek.SHAKING:
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        tls.feed(outgoing.read())
+        tls.shake()
+        incoming.write(tls.outgoing.read())
+    client.do_handshake()
+    return tls, client, incoming
+
+
+def test_an_answer_counts_as_sent_only_once_all_its_ciphertext_is(pems):
+    tls, client, incoming = shaken(pems)
+    full = Trickle(0)
+    assert tls.send(full, b'x' * 100) == 0          # encrypted, kept
+    sock = Trickle(50)
+    offered = []
+    while not offered or offered[-1] == 0:
+        offered.append(tls.send(sock, b'x' * 100))   # the same bytes again
+    assert offered[-1] == 100 and offered.count(0) >= 2
+    incoming.write(sock.sent)
+    assert client.read(1000) == b'x' * 100
+    big = os.urandom(kek.TLS_SEND_BYTES + 10)
+    assert tls.send(Trickle(1 << 20), big) == kek.TLS_SEND_BYTES
+
+
+def test_goodbye_to_a_client_that_is_gone_is_no_error(pems):
+    tls, _, _ = shaken(pems)
+
+    class Gone:
+        def send(self, data):
+            raise ConnectionResetError(errno.ECONNRESET, 'reset')
+    tls.goodbye(Gone())
+    assert tls.state is kek.SAID_GOODBYE
+    tls.goodbye(Gone())         # once only
+    assert tls.state is kek.SAID_GOODBYE
+
+
+def test_a_client_gone_while_kek_sends_its_flight_is_said(tls_trap,
+                                                           monkeypatch):
+    def gone(self, sock):
+        raise ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')
+    monkeypatch.setattr(kek.TLS, 'flush', gone)
+    with tls_trap.connect() as sock:
+        sock.sendall(hello_of(client_context(tls_trap.pems)))
+        assert recv_until_closed(sock) == b''
+    [(_, message, _)] = handshake_record(tls_trap)
+    assert message == ('TLS handshake not finished: the client is gone: [Errno'
+                       ' 104] Connection reset by peer')
+
+
+def test_an_alert_that_cannot_be_sent_still_leaves_the_failure_said(
+        tls_trap, monkeypatch):
+    def gone(self, sock):
+        raise ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')
+    monkeypatch.setattr(kek.TLS, 'flush', gone)
+    assert tls_trap.exchange(b'\x16junk') == b''
+    [(_, message, _)] = handshake_record(tls_trap)
+    assert message == ('TLS handshake not finished: not TLS after all'
+                       ' (WRONG_VERSION_NUMBER)')
+
+
+def test_tls_broken_after_a_request_is_said_under_its_key(tls_trap):
+    sock = tls_socket(tls_trap)
+    sock.sendall(b'GET /api?first=1 HTTP/1.1\r\nHost: x\r\n\r\n')
+    data = b''
+    while not parse_responses_complete(data):
+        data += sock.recv(65536)
+    key = parse_responses(data)[0][1]['X-Request-Id']
+    plain = socket.socket(fileno=os.dup(sock.fileno()))
+    plain.sendall(b'\x17\x03\x03\x00\x20' + b'\x00' * 32)
+    chain = tls_trap.wait_chain(key, 6)
+    assert chain[5] == ('ERROR', 'handler', 'TLS failed: a record that does not'
+                        ' decrypt with the keys agreed'
+                        ' (DECRYPTION_FAILED_OR_BAD_RECORD_MAC)')
+    plain.close()
+    sock.close()
+
+
+def test_a_refused_request_over_tls_ends_with_kek_s_close_notify(tls_trap):
+    sock = tls_socket(tls_trap)
+    sock.sendall(b'GARBAGE\r\n\r\nmore that follows')
+    data = b''
+    while True:
+        piece = sock.recv(65536)    # b'' at kek's close_notify
+        if not piece:
+            break
+        data += piece
+    [(status, headers, body)] = parse_responses(data)
+    assert status == 'HTTP/1.1 200 OK' and headers['Connection'] == 'close'
+    assert json.loads(body)['status'] == 'error'
+    sock.close()
+
+
+def test_tls_after_a_trusted_proxys_proxy_header_names_the_client(
+        tls_trap, monkeypatch):
+    monkeypatch.setattr(kek.SETTINGS, 'trusted_proxies',
+                        kek.networks('127.0.0.1'))
+    sock = tls_trap.connect()
+    sock.sendall(b'PROXY TCP4 203.0.113.7 10.0.0.1 51234 443\r\n')
+    sock = client_context(tls_trap.pems).wrap_socket(
+        sock, server_hostname='localhost')
+    sock.sendall(b'GET /api?via=nlb HTTP/1.1\r\nHost: x\r\nConnection: close'
+                 b'\r\n\r\n')
+    data = b''
+    while not parse_responses_complete(data):
+        data += sock.recv(65536)
+    sock.close()
+    key = parse_responses(data)[0][1]['X-Request-Id']
+    arrival = tls_trap.wait_chain(key, 5)[0][2]
+    assert re.match(r'GET /api\?via=nlb client=203\.0\.113\.7:51234 via=127\.0'
+                    r'\.0\.1:\d+ tls=\{"version": "TLSv1.3"', arrival)
+
+
+def test_a_handshake_shed_for_a_new_client_is_said(tls_trap, monkeypatch):
+    hello = hello_of(client_context(tls_trap.pems))
+    with tls_trap.connect() as sock:
+        sock.sendall(hello[:50])
+        wait_for(lambda: tls_trap.server.handshaking)
+        monkeypatch.setattr(tls_trap.server, 'max_connections', 1)
+        with tls_trap.connect() as other:
+            assert recv_until_closed(sock) == b''
+            [(_, message, _)] = handshake_record(tls_trap)
+            assert message == ('TLS handshake not finished: connection closed to'
+                               ' make room for a new client: kek keeps 1'
+                               ' connections at most')
+            other.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\nConnection: close'
+                          b'\r\n\r\n')
+            assert b' 200 OK' in recv_until_closed(other)
