@@ -19,14 +19,20 @@ idle or trickling one before a body above MIN_BODY_RATE).  Slow or idle
 clients cost a little memory and no thread; each connection's deadline() is
 checked every SWEEP_INTERVAL.
 
+With TLS_CERT set, a connection whose first byte is 0x16 shakes hands in
+memory (a TLS: an ssl.SSLObject over two MemoryBIOs), inside the same loop
+and under the same deadlines; what it decrypts goes where a plain
+connection's bytes go, and its answers are encrypted on their way out.
+
 A connection is a Connection, a BaseHTTPRequestHandler fed from memory: the
 stock handle_one_request() gets one complete request head at a time and
 calls parse_request(), then do_GET (or the fallback that serves every other
 method).  Its life is a named state, moved only by the events of MOVES (h11
-keeps its table so): idle, head, body, then after the last answer closing,
-draining, finishing, linger and closed.  Everything about one request lives
-in a Request, made at its first byte, handed to query() and the chain, and
-dropped once its answer is written.
+keeps its table so): greeting and handshake (TLS_CERT set), idle, head,
+body, then after the last answer closing, draining, finishing, linger and
+closed.  Everything about one request lives in a Request, made at its first
+byte, handed to query() and the chain, and dropped once its answer is
+written.
 
 One request's path: bytes -> HeadReader.read() -> parse_head() (facts, or
 Refused with its raw evidence) -> do_GET -> body_reader() -> LengthReader or
@@ -46,6 +52,7 @@ the connection, which calls query() of the call chain after it):
     Records                 RequestLog, the record kinds (TEXT_LINES), writer
     Signatures              webhook senders' HMACs checked as the body streams
     CORS                    the Access-Control-* answer, preflights named
+    TLS                     HTTPS on the same port: the context, handshakes
     The connection          Connection, its states and moves
     The call chain          query(), process1(), process2(), process3()
     The server              the loop: rounds, sweeps, the stop step
@@ -4029,6 +4036,10 @@ class TLS:
                     self.peer_closed = True
                     break
                 pieces.append(piece)
+                # Nothing more to read: no second read (its SSLWantReadError
+                # was a tenth of a request over TLS).
+                if not (self.incoming.pending or self.object.pending()):
+                    break
         except ssl.SSLWantReadError:
             pass
         return b''.join(pieces)

@@ -27,6 +27,14 @@
             back; a fifth client's latency, one plain GET at a time
   names     4,200 requests, each with a new 60 KB header name of random
             letters; kek's RSS before, after, and after a pause
+  halfopen  TLS_CERT set (a P-256 certificate made with openssl): 1,000
+            clients each send a whole hello and never answer kek's; kek's
+            RSS before and with them open, and how many it kept
+  handshakes  4 clients make a new TLS connection for each GET, back to back;
+            another client's latency, plain GETs on one connection
+  junkhello  200 connections each send 0x16 and junk, then 200 send half a
+            hello and stall until the head deadline: what kek said, and how
+            long it took
 
 kek runs pinned to core 0 and the clients to core 1 (taskset), as in run.sh.
 Each scenario starts its own kek (one for each setting it needs) and prints
@@ -44,6 +52,7 @@ import atexit
 import base64
 import ctypes
 import hmac
+import ssl
 import os
 import re
 import resource
@@ -598,9 +607,127 @@ def names(count=4200, seconds=45):
              peak / 1024))
 
 
+TLS_FILES = {}
+
+
+def tls_env():
+    """TLS_CERT and TLS_KEY of a P-256 certificate made once, for localhost."""
+    if not TLS_FILES:
+        folder = tempfile.mkdtemp(prefix='kek-hostile-tls-')
+        TLS_FILES.update(TLS_CERT=os.path.join(folder, 'cert.pem'),
+                         TLS_KEY=os.path.join(folder, 'key.pem'))
+        subprocess.run(['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt',
+                        'ec_paramgen_curve:P-256', '-nodes', '-keyout',
+                        TLS_FILES['TLS_KEY'], '-out', TLS_FILES['TLS_CERT'],
+                        '-subj', '/CN=localhost', '-addext',
+                        'subjectAltName=DNS:localhost,IP:127.0.0.1'],
+                       check=True, capture_output=True)
+    return dict(TLS_FILES)
+
+
+def client_tls():
+    context = ssl.create_default_context(cafile=tls_env()['TLS_CERT'])
+    context.set_alpn_protocols(['http/1.1'])
+    return context
+
+
+def a_hello():
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_tls().wrap_bio(incoming, outgoing, server_hostname='localhost')
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def log_says(kek, text):
+    with open(kek.log, errors='replace') as log:
+        return sum(text in line for line in log)
+
+
+def halfopen(count=1000):
+    kek = Kek(nofile=4096, **tls_env())
+    socks = []
+    try:
+        time.sleep(0.5)
+        before = kek.rss_kib()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+        for _ in range(count):
+            sock = socket.create_connection(kek.address)
+            sock.sendall(a_hello())
+            socks.append(sock)
+        time.sleep(1)
+        during = kek.rss_kib()
+        refused = log_says(kek, 'hands at most at once')
+        for sock in socks:
+            sock.close()
+        time.sleep(1)
+        after = kek.rss_kib()
+    finally:
+        kek.stop()
+    print('halfopen: %d hellos never answered: kek RSS %.1f MiB before, %.1f'
+          ' with them open (%d kept, %d refused at MAX_HANDSHAKES: %.0f KiB'
+          ' a handshake kept), %.1f once they closed'
+          % (count, before / 1024, during / 1024, count - refused, refused,
+             (during - before) / max(1, count - refused), after / 1024))
+
+
+def attack_handshakes(port):
+    """A new TLS connection for each GET, one after another."""
+    context = client_tls()
+    deadline = time.monotonic() + ATTACK_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            with context.wrap_socket(socket.create_connection(
+                    ('127.0.0.1', int(port))), server_hostname='localhost') as sock:
+                request(sock, GET.replace(b'\r\n\r\n',
+                                          b'\r\nConnection: close\r\n\r\n'))
+        except OSError:
+            time.sleep(0.01)
+
+
+def handshakes():
+    times, log = beside('attack_handshakes', 4, (), 10, **tls_env())
+    print('handshakes: 4 clients shaking hands for each GET; another client:',
+          summary(times), '(log %.1f MB)' % (log / 1e6), flush=True)
+
+
+def junkhello(count=200):
+    kek = Kek(**tls_env())
+    try:
+        started = time.monotonic()
+        for _ in range(count):
+            exchange(kek.address, b'\x16junk that is no TLS\r\n\r\n')
+        junk = time.monotonic() - started
+        hello = a_hello()[:60]
+        socks = []
+        started = time.monotonic()
+        for _ in range(count):
+            sock = socket.create_connection(kek.address)
+            sock.sendall(hello)
+            socks.append(sock)
+        for sock in socks:
+            sock.settimeout(30)
+            while sock.recv(4096):
+                pass
+            sock.close()
+        stalled = time.monotonic() - started
+        time.sleep(0.5)
+        said = (log_says(kek, 'not TLS after all'),
+                log_says(kek, 'not finished: not complete within'))
+    finally:
+        kek.stop()
+    print('junkhello: %d of 0x16 and junk in %.2f s, %d said not TLS after all;'
+          ' %d stalled hellos closed after %.1f s, %d said not complete'
+          % (count, junk, said[0], count, stalled, said[1]))
+
+
 SCENARIOS = {'pipeline': pipeline, 'heads': heads, 'trickle': trickle,
              'bodies': bodies, 'memory': memory, 'parse': parse,
-             'shapes': shapes, 'beside': beside_shapes, 'names': names}
+             'shapes': shapes, 'beside': beside_shapes, 'names': names,
+             'halfopen': halfopen, 'handshakes': handshakes,
+             'junkhello': junkhello}
 
 if __name__ == '__main__':
     if sys.argv[1:2] == ['--attack']:

@@ -7,10 +7,19 @@ BENCH_VENV=${BENCH_VENV:-/tmp/kek-bench-venv} # the peers' third-party packages 
 VENV_PY=$BENCH_VENV/bin/python
 SYS_PY=${SYS_PY:-python3}
 SERVERS_ALL="kek aiohttp_app twisted_web flask_dev"
+BENCH_CERT=${BENCH_CERT:-/tmp/kek-bench/tls/cert.pem}  # made by bench_setup, for kek_tls and aiohttp_tls
+BENCH_KEY=${BENCH_KEY:-/tmp/kek-bench/tls/key.pem}
+TLS_ENV=(env TLS_CERT="$BENCH_CERT" TLS_KEY="$BENCH_KEY")
 
 # setup: wrk from Debian, the peers' packages in their own venv (never the project's)
 bench_setup() {
     command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+    if [ ! -s "$BENCH_CERT" ]; then     # one P-256 certificate for every HTTPS server
+        mkdir -p "$(dirname "$BENCH_CERT")"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+            -keyout "$BENCH_KEY" -out "$BENCH_CERT" -subj /CN=localhost \
+            -addext subjectAltName=DNS:localhost,IP:127.0.0.1 2>/dev/null
+    fi
     if [ ! -x "$VENV_PY" ]; then
         "$SYS_PY" -m venv "$BENCH_VENV"
         "$VENV_PY" -m pip install -q -r "$BENCH/requirements.txt"
@@ -24,9 +33,11 @@ server_cmd() {
         kek_signed) CMD=(env WEBHOOK_SECRET=kek-bench-secret "$SYS_PY" "$PROJECT/kek.py") ;;  # checks webhook.lua's signature
         kek_proxied) CMD=(env TRUSTED_PROXIES=127.0.0.1 "$SYS_PY" "$PROJECT/kek.py") ;;  # reads f's X-Forwarded-For
         kek_quiet) CMD=(env LOG_SKIP=/healthz "$SYS_PY" "$PROJECT/kek.py") ;;  # h's /healthz unlogged
+        kek_tls) CMD=("${TLS_ENV[@]}" "$SYS_PY" "$PROJECT/kek.py") ;;  # HTTPS and HTTP on one port
+        aiohttp_tls) CMD=("${TLS_ENV[@]}" "$VENV_PY" "$BENCH/peers/aiohttp_app.py") ;;  # HTTPS only
         flask_dev|twisted_web|aiohttp_app) CMD=("$VENV_PY" "$BENCH/peers/$1.py") ;;
         stdlib_loop) CMD=("$SYS_PY" "$BENCH/peers/stdlib_loop.py") ;;   # kek's ceiling: no protections
-        *) echo "unknown server: $1 (known: $SERVERS_ALL kek_signed kek_proxied kek_quiet stdlib_loop)" >&2; return 1 ;;
+        *) echo "unknown server: $1 (known: $SERVERS_ALL kek_signed kek_proxied kek_quiet kek_tls aiohttp_tls stdlib_loop)" >&2; return 1 ;;
     esac
 }
 
@@ -44,7 +55,7 @@ wait_ready() {
     local port=$1 pid=$2 i
     for i in $(seq 200); do
         kill -0 "$pid" 2>/dev/null || return 1
-        curl -s -o /dev/null --max-time 1 "http://127.0.0.1:$port/api?x=1" && return 0
+        curl -sk -o /dev/null --max-time 1 "${SCHEME:-http}://127.0.0.1:$port/api?x=1" && return 0
         sleep 0.1
     done
     return 1

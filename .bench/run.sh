@@ -12,6 +12,8 @@
 #   e  keep-alive, 16 connections, 2 threads, a webhook-like POST: 5 headers, a 64-byte JSON body
 #   f  as a, with an X-Forwarded-For of two hops (for kek_proxied: TRUSTED_PROXIES=127.0.0.1)
 #   h  as a, on GET /healthz (for kek_quiet: LOG_SKIP=/healthz)
+#   s  as a, over HTTPS (for kek_tls and aiohttp_tls: TLS_CERT, a P-256 certificate)
+#   t  as c, over HTTPS: a new connection and TLS handshake for every request
 #
 # Environment:
 #   DURATION=10      seconds of load per scenario (wrk -d)
@@ -63,13 +65,16 @@ for sc in $scenarios; do
         e) WRK_ARGS=(-t2 -c16 -s "$BENCH/scripts/webhook.lua" "http://127.0.0.1:$PORT") ;;
         f) WRK_ARGS=(-t2 -c16 -H "X-Forwarded-For: 203.0.113.7, 198.51.100.2" -s "$BENCH/scripts/stats.lua" "$URL") ;;
         h) WRK_ARGS=(-t2 -c16 -s "$BENCH/scripts/stats.lua" "http://127.0.0.1:$PORT/healthz") ;;
+        s) WRK_ARGS=(-t2 -c16 -s "$BENCH/scripts/stats.lua" "https://127.0.0.1:$PORT/api?x=1") ;;
+        t) WRK_ARGS=(-t2 -c16 -H "Connection: close" -s "$BENCH/scripts/stats.lua" "https://127.0.0.1:$PORT/api?x=1") ;;
         *) echo "unknown scenario $sc" >&2; continue ;;
     esac
     log=$OUT/$name.$sc.log
     rm -f "$log"
     start_server "$name" "$PORT" "$log" "$OUT/$name.$sc.server-out" "${SRV_PIN[@]}"
     pid=$SERVER_PID
-    if ! wait_ready "$PORT" "$pid"; then
+    SCHEME=http; [ "$name" = aiohttp_tls ] && SCHEME=https
+    if ! SCHEME=$SCHEME wait_ready "$PORT" "$pid"; then
         echo "$name $sc: server did not answer" >&2
         stop_server "$pid"
         continue
