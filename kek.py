@@ -3131,16 +3131,21 @@ def log_abandoned(request, reason, received):
 def log_refusal(request, log, reason):
     """The record of a refused request, after its arrival if its head
     parsed: why (already shown), and the peer."""
+    fields = {'client': request.client}
     if request.method is not None:
         log_arrival(request)
-    log.record('refusal', 'refused: %s' % reason, {'client': request.client},
-               logging.ERROR)
+    elif request.tls is not None:
+        fields['tls'] = request.tls     # no arrival to show them
+    log.record('refusal', 'refused: %s' % reason, fields, logging.ERROR)
 
 
 def refusal_text(record):
-    """A refusal on a text line: the peer first, then why."""
-    return 'client=%s %s' % (record.fields['client'],
-                             escape(record.getMessage()))
+    """A refusal on a text line: the peer first, its TLS if no arrival
+    showed it, then why."""
+    fields = record.fields
+    tls = ' tls=' + json_text(fields['tls']) if 'tls' in fields else ''
+    return 'client=%s%s %s' % (fields['client'], tls,
+                               escape(record.getMessage()))
 
 
 # The records with fields, one row a kind: how a text line writes them.  A
@@ -4441,6 +4446,11 @@ class Connection(BaseHTTPRequestHandler):
                 self.server.handshaking.discard(self)
                 tls.shown = shown_tls(tls.facts())
                 self.active_at = time.monotonic()
+                # kek sends nothing after the client's Finished (no
+                # tickets), so the kernel's ACK of it would wait 40 ms, and
+                # a client's first request with it, under Nagle: ACK now.
+                self.connection.setsockopt(socket.IPPROTO_TCP,
+                                           socket.TCP_QUICKACK, 1)
             plain = tls.decrypt(data)
             tls.flush(self.connection)
         except (ssl.SSLError, ValueError) as error:
@@ -4479,6 +4489,19 @@ class Connection(BaseHTTPRequestHandler):
             self.begin_request()
             self.log = self.request.log
         self.log.at('handler').error(reason)
+        self.close()
+
+    def shaken_for_nothing(self):
+        """A client that shook hands and left without a request: said under
+        a fresh key, with what it offered (an HTTP/2-only client does so
+        when kek chooses no ALPN)."""
+        self.begin_request()
+        why = 'the client closed the connection after the TLS handshake,' \
+              ' before any request'
+        if 'http/1.1' not in self.tls.shown['alpn_offered']:
+            why += ' (it offered ALPN %s; kek speaks http/1.1 only)' % (
+                json_text(self.tls.shown['alpn_offered']))
+        log_refusal(self.request, self.log.at('handler'), why)
         self.close()
 
     def begin_request(self):
@@ -4596,6 +4619,10 @@ class Connection(BaseHTTPRequestHandler):
     def end_of_input(self):
         """The client has sent all it will send (or reset the connection)."""
         self.begin_what_arrived()
+        if (self.state is IDLE and self.tls is not None and self.log is None
+                and not self.wfile):
+            self.shaken_for_nothing()
+            return
         if self.state is HEAD or self.state is BODY:
             self.abandon('the client closed the connection')
         elif self.wfile:

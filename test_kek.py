@@ -7244,3 +7244,82 @@ def test_a_handshake_shed_for_a_new_client_is_said(tls_trap, monkeypatch):
             other.sendall(b'GET /api HTTP/1.1\r\nHost: x\r\nConnection: close'
                           b'\r\n\r\n')
             assert b' 200 OK' in recv_until_closed(other)
+
+
+def test_an_http2_only_client_that_shakes_hands_and_leaves_is_said(tls_trap):
+    context = client_context(tls_trap.pems, alpn=('h2',))
+    with tls_socket(tls_trap, context) as sock:
+        assert sock.selected_alpn_protocol() is None
+    [line] = wait_for(lambda: [l for l in tls_trap.lines() if 'before any' in l])
+    fields = re.fullmatch(r'%s \+[\d.]+ms ERROR handler client=127\.0\.0\.1:\d+'
+                          r' tls=(\{.*\}) refused: the client closed the'
+                          r' connection after the TLS handshake, before any'
+                          r' request \(it offered ALPN \["h2"\]; kek speaks'
+                          r' http/1\.1 only\)' % KEY, line).group(1)
+    assert json.loads(fields)['alpn'] is None
+
+
+def test_a_client_that_offered_http_1_1_and_left_is_said_without_advice(
+        tls_trap):
+    with tls_socket(tls_trap):
+        pass
+    [line] = wait_for(lambda: [l for l in tls_trap.lines() if 'before any' in l])
+    assert line.endswith('refused: the client closed the connection after the'
+                         ' TLS handshake, before any request')
+
+
+def test_a_refusal_before_any_head_over_tls_shows_the_tls_facts(tls_json_trap):
+    context = client_context(tls_json_trap.pems, alpn=('h2',))
+    with tls_socket(tls_json_trap, context) as sock:
+        sock.sendall(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n')
+        assert b' 200 OK' in recv_until_closed(sock)
+    [record] = wait_for(lambda: [json.loads(line) for line in
+                                 tls_json_trap.lines() if 'PRI *' in line])
+    assert record['tls']['alpn_offered'] == ['h2']
+    assert record['message'].startswith('refused: not an HTTP/1.x request')
+
+
+class Recorded:
+    """A socket whose setsockopt() calls are kept."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.options = []
+
+    def setsockopt(self, *option):
+        self.options.append(option)
+        return self.sock.setsockopt(*option)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_the_end_of_a_handshake_is_acked_at_once(harness, pems, monkeypatch):
+    """kek sends nothing after the client's Finished: a delayed ACK would
+    hold a Nagle client's request 40 ms (measured: 41 ms, then 2 ms)."""
+    monkeypatch.setattr(kek.SETTINGS, 'tls', tls_settings(pems))
+    server, _, _ = harness
+    client = socket.create_connection(server.server_address, timeout=5)
+    wait_for(lambda: server.accept() or len(server.connections) == 2)
+    conn = [c for c in server.connections if c.state is kek.GREETING][0]
+    conn.connection = Recorded(conn.connection)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(pems).wrap_bio(incoming, outgoing,
+                                        server_hostname='localhost')
+    while conn.state is not kek.IDLE:
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        client.sendall(outgoing.read())
+        readable(conn.connection.sock)
+        assert conn.connection.options == []
+        conn.receive()
+        client.setblocking(False)
+        try:
+            incoming.write(client.recv(65536))
+        except BlockingIOError:
+            pass
+        client.setblocking(True)
+    assert conn.connection.options == [(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)]
+    client.close()
