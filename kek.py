@@ -41,6 +41,12 @@ query(request) -> log_arrival(), log_body() (fields from "What the log
 shows") -> log_signatures(), log_preflight() -> process1/2/3 -> answer() ->
 answer_bytes() -> LogWriter.flush() -> send.
 
+With WORKERS=N the process that binds the port is a parent (Parent): it
+forks N workers, each the one-process kek above on the inherited listener
+with keys of its own (Keys: worker i takes the microseconds that are i
+modulo N+1), and keeps them: restarts one that dies, passes signals on,
+and relays their records to standard output a whole line at a time.
+
 The file reads top-down, each section using only what came before it (but
 the connection, which calls query() of the call chain after it):
 
@@ -56,6 +62,7 @@ the connection, which calls query() of the call chain after it):
     The connection          Connection, its states and moves
     The call chain          query(), process1(), process2(), process3()
     The server              the loop: rounds, sweeps, the stop step
+    Processes               one serving process, or a parent and its workers
     Main                    settings read and checked, the server run
 """
 
@@ -144,6 +151,9 @@ MAX_PENDING_LOG_BYTES = 16 * 1024 * 1024   # records kept while they wait:
                                 # closes' records come; past it, counted
 LOG_RETRY_INTERVAL = 1.0        # seconds between tries (the SPEC says 2 at most)
 LOG_GIVE_UP = 60.0              # seconds of a log that fails before kek stops
+# WORKERS=N (SPEC 6).
+MAX_WORKERS = 256       # processes; past the cores they only share them
+MAX_INSTANCE_CHARS = 32  # INSTANCE ends every key: keep keys short
 
 
 # Each setting, declared once (Setting): its variable, its argument if it
@@ -219,6 +229,30 @@ def exact_paths(text):
                              " /healthz,/ping)" % item)
         found.add(item)
     return frozenset(found)
+
+
+def worker_count(text):
+    """A reader of WORKERS: 1 to MAX_WORKERS, or 'auto', one for each CPU
+    kek may run on (its affinity, as a container's cpuset limits it)."""
+    if text == 'auto':
+        return min(MAX_WORKERS, len(os.sched_getaffinity(0)))
+    if not (text.isascii() and text.isdigit() and len(text) <= 3
+            and 1 <= int(text) <= MAX_WORKERS):
+        raise ValueError('is not a number of processes (1-%d) or auto'
+                         % MAX_WORKERS)
+    return int(text)
+
+
+INSTANCE_NAME = re.compile(r'[A-Za-z0-9._-]{1,%d}' % MAX_INSTANCE_CHARS)
+
+
+def instance_name(text):
+    """A reader of INSTANCE: ASCII letters, digits, '-', '_' and '.', as a
+    key's end must be (no blank, nothing a grep or a shell reads)."""
+    if not INSTANCE_NAME.fullmatch(text):
+        raise ValueError("is not a name of 1-%d letters, digits, '-', '_' or"
+                         " '.' (as in web2)" % MAX_INSTANCE_CHARS)
+    return text
 
 
 class Setting:
@@ -307,6 +341,12 @@ class Settings:
                 'comma-separated exact paths (/healthz,/ping) whose plain GETs'
                 ' are answered as usual but only counted, every 10 s',
                 shown_default='none'),
+        Setting('WORKERS', 'N', 1, worker_count,
+                'processes serving the port, 1-%d, or auto: one for each CPU'
+                % MAX_WORKERS, '--workers'),
+        Setting('INSTANCE', 'NAME', None, instance_name,
+                'a name for this kek among several, at the end of every key'
+                ' (KEY~NAME) and in every JSON record', shown_default='unset'),
         # Its text is checked by read_settings(), which has the grammar of a
         # header name and the signature schemes.
         Setting('WEBHOOK_SIGNATURE_HEADER', 'NAME', None, str.lower,
@@ -535,29 +575,44 @@ def as_text(data):
 class Keys:
     """Hands out request keys: the arrival time, UTC, with microseconds.
 
-    A key that would repeat or go backwards moves on by one microsecond, so
-    keys are unique within one server and always the same width.
+    A key that would repeat or go backwards moves on, so keys are unique
+    within one server and always the same width.  Worker i of WORKERS=N
+    takes only the microseconds that are i modulo N (stride N, offset i):
+    no two workers can hand out the same key, and none needs a lock
+    another holds.  With INSTANCE every key ends in '~NAME'.
     """
 
-    def __init__(self, clock=time.time_ns):
+    def __init__(self, clock=time.time_ns, stride=1, offset=0, suffix=''):
         self.clock = clock
         self.lock = threading.Lock()
+        self.stride = stride
+        self.offset = offset
+        self.suffix = suffix
         self.last_us = 0
-        self.second = None
-        self.prefix = ''
+        self.stamp = (None, '')     # a second, and its text: one tuple, so
+                                    # that now() reads a pair that matches
+
+    def second_text(self, second):
+        if second != self.stamp[0]:
+            self.stamp = (second, time.strftime('%Y-%m-%dT%H:%M:%S',
+                                                time.gmtime(second)))
+        return self.stamp[1]
 
     def next(self):
         with self.lock:
             us = self.clock() // 1000
+            us += (self.offset - us) % self.stride
             if us <= self.last_us:
-                us = self.last_us + 1
+                us = self.last_us + self.stride
             self.last_us = us
             second, micro = divmod(us, 1000000)
-            if second != self.second:
-                self.second = second
-                self.prefix = time.strftime('%Y-%m-%dT%H:%M:%S',
-                                            time.gmtime(second))
-            return f'{self.prefix}.{micro:06d}Z'
+            return f'{self.second_text(second)}.{micro:06d}Z{self.suffix}'
+
+    def now(self):
+        """The time now in a key's format, without the suffix: a record's
+        own time (JSON's "time"), for collectors.  Not unique."""
+        second, micro = divmod(self.clock() // 1000, 1000000)
+        return f'{self.second_text(second)}.{micro:06d}Z'
 
 
 KEYS = Keys()
@@ -1480,6 +1535,27 @@ def forwarded_hops(value):
                     text) > 1 else text
         hops.append(hop)
     return hops
+
+
+# W3C Trace Context's traceparent, version 00 and the versions after it
+# (which may add fields after the flags): lowercase hex only.
+TRACEPARENT = re.compile(
+    r'([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-[ -~]*)?')
+
+
+def trace_parent(value):
+    """The trace id and parent id of a valid traceparent, or None.  Invalid
+    (the caller's trace must then be ignored): version ff, an id of zeros
+    only, and anything after version 00's four fields; two traceparent
+    headers arrive joined, so they are invalid too."""
+    match = TRACEPARENT.fullmatch(value)
+    if match is None:
+        return None
+    version, trace_id, parent_id, more = match.groups()
+    if (version == 'ff' or (version == '00' and more is not None)
+            or trace_id == '0' * 32 or parent_id == '0' * 16):
+        return None
+    return trace_id, parent_id
 
 
 def forward(request):
@@ -2987,6 +3063,9 @@ def log_arrival(request):
         fields['x_request_id'] = shown_free(headers['x-request-id'])
     if 'traceparent' in headers:
         fields['traceparent'] = shown_free(headers['traceparent'])
+        trace = trace_parent(headers['traceparent'])
+        if trace is not None:   # (hex ids: nothing the rules would hide)
+            fields['trace_id'], fields['span_id'] = trace
     if SETTINGS.log_headers:
         fields['headers'] = shown_headers(request.header_list)
     request.log.record('arrival', '%s %s' % (method, cut(url, MAX_SHOWN_CHARS)),
@@ -3199,15 +3278,26 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(TextFormatter):
-    """One JSON object a line: request, offset_ms, level, where, message, and
-    the fields of arrival, body and refusal records (method, url, params,
-    client, headers, sha256, ...).  Client text is escaped once, by JSON;
-    the message of a record with fields is only a brief of them ("GET
-    /api?x=1", "body 32 bytes").
+    """One JSON object a line: request, time, offset_ms, level, where,
+    message, instance and worker when set, and the fields of arrival, body
+    and refusal records (method, url, params, client, headers, sha256, ...).
+    Client text is escaped once, by JSON; the message of a record with
+    fields is only a brief of them ("GET /api?x=1", "body 32 bytes").
+    time is the record's own, in a key's format: what a collector takes as
+    its timestamp.
 
-    The key, level and WHERE are kek's own ASCII, so the line is put together
-    around them and only the message and the fields go through the encoder.
+    The key, level, WHERE, time and instance are kek's own ASCII, so the
+    line is put together around them and only the message and the fields
+    go through the encoder.
     """
+
+    def __init__(self, instance=None, worker=None):
+        super().__init__()
+        self.tail = ''      # what ends every record's own part
+        if instance is not None:
+            self.tail += ', "instance": "%s"' % instance
+        if worker is not None:
+            self.tail += ', "worker": %d' % worker
 
     def format(self, record):
         message = (self.with_traceback(record) if record.exc_info
@@ -3216,14 +3306,12 @@ class JsonFormatter(TextFormatter):
                                  record.levelname, message, record.fields)
 
     def message_line(self, context, offset_ms, levelname, message, fields=None):
-        key = context['key']
-        server = context['request'] is None     # its key is a time
-        line = ('{"request": %s, "offset_ms": %.3f, "level": "%s", "where": "%s",'
-                ' "message": %s' % ('null' if server else '"%s"' % key,
-                                    offset_ms, levelname, context['where'],
-                                    json_text(message)))
-        if server:
-            line += ', "time": "%s"' % key
+        request = context['request']
+        line = ('{"request": %s, "time": "%s", "offset_ms": %.3f, "level": "%s",'
+                ' "where": "%s", "message": %s%s' % (
+                    'null' if request is None else '"%s"' % request,
+                    KEYS.now(), offset_ms, levelname, context['where'],
+                    json_text(message), self.tail))
         if fields:      # the fields' own object, its '{' dropped, ends it
             return line + ', ' + json_text(fields)[1:]
         return line + '}'
@@ -3332,6 +3420,12 @@ class LogWriter(logging.Handler):
         self.size += len(line)
         if self.size > LOG_FLUSH_BYTES:
             self.flush()
+
+    def relay(self, data):
+        """Whole lines a worker wrote to its pipe (WORKERS=N, the log on
+        standard output): written after what waits, as they are."""
+        self.pending += data
+        self.pending_records += data.count(b'\n')
 
     # The stock handle() without its filters and lock, which cost as much as
     # the formatting.
@@ -4778,6 +4872,29 @@ def connection_limit():
     return max(1, soft - RESERVED_FDS)
 
 
+def listen(address):
+    """A socket listening on address (host, port), without blocking."""
+    host, port = address
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def url_of(listener, scheme='http'):
+    host, port = listener.getsockname()[:2]
+    return '%s://%s:%d' % (scheme, '[%s]' % host if ':' in host else host,
+                           port)
+
+
 class Server:
     """Listens, and runs the loop that drives every Connection.
 
@@ -4787,19 +4904,11 @@ class Server:
     waits for next.
     """
 
-    def __init__(self, address):
-        host, port = address
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        self.socket = socket.socket(family, kind, proto)
-        try:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.socket.bind(sockaddr)
-            self.socket.listen(LISTEN_BACKLOG)
-        except OSError:
-            self.socket.close()
-            raise
-        self.socket.setblocking(False)
+    parent = None       # a worker's parent's pid: gone, the worker stops
+
+    def __init__(self, address=None, listener=None):
+        """Listen on address, or, in a worker, on its parent's listener."""
+        self.socket = listen(address) if listener is None else listener
         self.server_address = self.socket.getsockname()
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.socket, selectors.EVENT_READ)
@@ -4821,9 +4930,7 @@ class Server:
         self.date = email.utils.formatdate(usegmt=True)
 
     def url(self, scheme='http'):
-        host, port = self.server_address[:2]
-        return '%s://%s:%d' % (scheme, '[%s]' % host if ':' in host else host,
-                               port)
+        return url_of(self.socket, scheme)
 
     def serve_forever(self):
         """Run rounds until shutdown() and until requests in flight are
@@ -5001,9 +5108,14 @@ class Server:
             self.selector.unregister(self.socket)
 
     def sweep(self, now):
-        """Once every SWEEP_INTERVAL: the Date header and every connection's
-        deadline."""
+        """Once every SWEEP_INTERVAL: the Date header, every connection's
+        deadline, and in a worker whether its parent is still there."""
         self.date = email.utils.formatdate(usegmt=True)
+        if (self.parent is not None and not self.stopping
+                and os.getppid() != self.parent):
+            server_log().error('the parent process %d is gone; stopping',
+                               self.parent)
+            self.shutdown()
         for conn in list(self.connections):
             if now >= conn.deadline():
                 self.touched.add(conn)
@@ -5028,6 +5140,340 @@ class Server:
         self.socket.close()
         self.waker.close()
         self.wake_sender.close()
+
+
+# -- Processes -----------------------------------------------------------------
+
+# kek is one process, or with WORKERS=N a parent and N workers.  serve() is
+# the life of a process that serves: signals, the loop, what is left at the
+# stop.  The parent is gunicorn's arbiter: it binds the port, forks the
+# workers, each serve()s on the inherited listener, and then it only keeps
+# them.  Its signal handlers do nothing but wake its loop (set_wakeup_fd
+# writes each signal's number to a pipe), which restarts a dead worker
+# under its number after a back-off, passes SIGTERM, SIGINT and SIGHUP on,
+# and, with the log on standard output, relays each worker's records from
+# a pipe of the worker's own, whole lines only: writers sharing a pipe tear
+# each other's lines past PIPE_BUF (4 KiB).  To LOG_FILE each worker
+# appends itself: one write() a batch to an O_APPEND file is atomic between
+# processes on a local file system (not on NFS).
+
+WORKER_CANNOT_START = 3     # a worker's exit status when it cannot start
+                            # (gunicorn's): the server stops with exit status 2
+FIRST_RESTART_DELAY = 0.1   # seconds before a dead worker is started again,
+MAX_RESTART_DELAY = 10.0    # doubled each time it dies young, up to this
+YOUNG = 10.0                # seconds: a worker that lived longer waits the
+                            # first delay again
+STOP_SLACK = 2.0            # seconds past SHUTDOWN_GRACE before SIGKILL
+RELAY_READ_BYTES = 64 * 1024    # a pipe's capacity: one read takes what waits
+
+
+def log_to(writer, settings, worker=None):
+    """Make writer kek's log, in LOG_FORMAT, a worker's records marked."""
+    if settings.log_format == 'json':
+        writer.setFormatter(JsonFormatter(settings.instance, worker))
+    else:
+        writer.setFormatter(TextFormatter())
+    LOGGER.addHandler(writer)
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
+
+
+def serve(server, writer, settings, worker=None):
+    """Run server until SIGTERM or SIGINT, its records to writer; the exit
+    status.  One process says that it listens and that it stopped; a
+    worker leaves both to its parent."""
+    log_to(writer, settings, worker)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: server.shutdown())
+    signal.signal(signal.SIGHUP, lambda signum, frame: writer.request_reopen())
+    if worker is None:
+        say_listening(server, settings)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        QUIET.report(time.monotonic())
+        if worker is None:
+            server_log().info('stopped')
+        lost = close_log(writer)
+    return 1 if server.gave_up is not None or lost else 0
+
+
+def close_log(writer):
+    """Close writer, at the stop; True, said on standard error, if records
+    could not be written."""
+    writer.close()
+    if not writer.unwritten():
+        return False
+    report('%d records could not be written to %s: %s' % (
+        writer.unwritten(), writer.destination(), writer.error))
+    return True
+
+
+def say_listening(server, settings, workers=''):
+    urls = url_of(server.socket)
+    if settings.tls is not None:
+        urls += ' and ' + url_of(server.socket, 'https')
+    server_log().info('listening on %s%s', urls, workers)
+    if settings.log_file:
+        report('listening on %s, logging to %s%s' % (urls, settings.log_file,
+                                                     workers))
+
+
+def exit_text(status):
+    """How a worker ended, from its wait status, in words."""
+    if os.WIFSIGNALED(status):
+        return 'was killed by %s' % signal.Signals(os.WTERMSIG(status)).name
+    return 'exited with status %d' % os.waitstatus_to_exitcode(status)
+
+
+class Worker:
+    """A worker as its parent keeps it: its number, its process while it
+    runs, when it is due to start again, and, with the log on standard
+    output, the read end of its pipe and the start of a line read from it."""
+
+    def __init__(self, number):
+        self.number = number
+        self.pid = None
+        self.started = None
+        self.delay = FIRST_RESTART_DELAY    # before the next restart
+        self.start_at = None                # when it is due to start again
+        self.pipe = None
+        self.partial = b''
+
+
+# The parent's states.
+RUNNING = 'running'     # workers serve; a dead one is started again
+STOPPING = 'stopping'   # SIGTERM passed on: waiting for every worker to end
+
+
+class Parent:
+    """The parent of WORKERS=N: forks them, keeps them, relays their log."""
+
+    def __init__(self, listener, writer, settings):
+        self.socket = listener          # (for say_listening())
+        self.writer = writer            # the parent's own records
+        self.settings = settings
+        self.workers = [Worker(number)
+                        for number in range(1, settings.workers + 1)]
+        self.relaying = settings.log_file is None
+        self.state = RUNNING
+        self.stop_at = None
+        self.status = 0
+        self.wake, self.woken = os.pipe()
+
+    def run(self):
+        """Start every worker, keep them until they have all stopped; the
+        exit status."""
+        writer = self.writer
+        KEYS.stride = len(self.workers) + 1     # the parent's keys: offset 0
+        log_to(writer, self.settings)
+        os.set_blocking(self.woken, False)
+        signal.set_wakeup_fd(self.woken, warn_on_full_buffer=False)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                       signal.SIGCHLD):
+            signal.signal(signum, lambda signum, frame: None)
+        for worker in self.workers:
+            self.start(worker)
+        say_listening(self, self.settings, ' with %d workers (pids %s)'
+                      % (len(self.workers), ', '.join(
+                          str(worker.pid) for worker in self.workers)))
+        flush_log()
+        while self.state is RUNNING or any(
+                worker.pid is not None or worker.pipe is not None
+                for worker in self.workers):
+            self.round()
+        server_log().info('stopped')
+        if close_log(writer):
+            self.status = max(self.status, 1)
+        return self.status
+
+    def start(self, worker):
+        """Fork worker: the child serves and never returns from here."""
+        flush_log()         # (what waits would be written twice)
+        pipe = os.pipe() if self.relaying else None
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            self.become(worker, pipe, parent)
+        worker.pid = pid
+        worker.started = time.monotonic()
+        worker.start_at = None
+        if pipe is not None:
+            os.close(pipe[1])
+            worker.pipe = pipe[0]
+            worker.partial = b''
+
+    def become(self, worker, pipe, parent):
+        """In the forked child: leave the parent's signals, descriptors and
+        log behind, and serve as worker; exit with serve()'s status, or
+        WORKER_CANNOT_START."""
+        status = WORKER_CANNOT_START
+        try:
+            # Until serve() has its handlers: a SIGTERM ends it at once (it
+            # serves nothing yet), a SIGHUP is moot (it opens LOG_FILE anew).
+            signal.set_wakeup_fd(-1)
+            for signum, handler in ((signal.SIGCHLD, signal.SIG_DFL),
+                                    (signal.SIGTERM, signal.SIG_DFL),
+                                    (signal.SIGINT, signal.SIG_DFL),
+                                    (signal.SIGHUP, signal.SIG_IGN)):
+                signal.signal(signum, handler)
+            for fd in [self.wake, self.woken] + [
+                    other.pipe for other in self.workers if other.pipe]:
+                os.close(fd)
+            LOGGER.removeHandler(self.writer)
+            if self.writer.path is not None:
+                os.close(self.writer.fd)
+            if pipe is not None:
+                os.dup2(pipe[1], 1)
+                os.close(pipe[0])
+                os.close(pipe[1])
+            KEYS.stride, KEYS.offset = len(self.workers) + 1, worker.number
+            try:
+                writer = LogWriter(self.settings.log_file)
+                server = Server(listener=self.socket)
+            except OSError as error:
+                report('worker %d cannot start: %s' % (worker.number, error))
+            else:
+                server.parent = parent  # (not getppid(): it may be gone)
+                status = serve(server, writer, self.settings, worker.number)
+        finally:
+            os._exit(status)
+
+    def round(self):
+        """Wait for a signal, a worker's records or the next thing due, and
+        act on it."""
+        poller = select.poll()
+        poller.register(self.wake, select.POLLIN)
+        pipes = {}
+        if not self.writer.waiting():
+            for worker in self.workers:
+                if worker.pipe is not None:
+                    pipes[worker.pipe] = worker
+                    poller.register(worker.pipe, select.POLLIN)
+        elif isinstance(self.writer.error, BlockingIOError):
+            poller.register(self.writer.fd, select.POLLOUT)
+        wait = self.wait()
+        for fd, _ in poller.poll(None if wait is None else wait * 1000):
+            if fd == self.wake:
+                self.take_signals(os.read(self.wake, 64))
+            elif fd in pipes:
+                self.relay(pipes[fd])
+        self.reap()
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.start_at is not None and now >= worker.start_at:
+                self.start(worker)
+                server_log().info('worker %d started again: pid %d',
+                                  worker.number, worker.pid)
+        if self.stop_at is not None and now >= self.stop_at:
+            for worker in self.workers:
+                if worker.pid:
+                    server_log().error('worker %d (pid %d) did not stop in'
+                                       ' %.0f s; killed', worker.number,
+                                       worker.pid, SHUTDOWN_GRACE + STOP_SLACK)
+                    os.kill(worker.pid, signal.SIGKILL)
+            self.stop_at = None
+        flush_log()
+        if self.writer.failing_for(now) >= LOG_GIVE_UP and self.state is RUNNING:
+            report('the log could not be written for %d s; stopping'
+                   % self.writer.failing_for(now))
+            self.status = 1
+            self.stop()
+
+    def wait(self):
+        """Seconds until the next thing due: a restart, the SIGKILL of a
+        worker that does not stop, a retry of the log."""
+        due = [worker.start_at for worker in self.workers if worker.start_at]
+        if self.stop_at is not None:
+            due.append(self.stop_at)
+        if self.writer.waiting():
+            due.append(time.monotonic() + LOG_RETRY_INTERVAL)
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def take_signals(self, signums):
+        for signum in signums:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop()
+            elif signum == signal.SIGHUP:
+                self.writer.request_reopen()
+                self.signal_workers(signal.SIGHUP)
+            # SIGCHLD only wakes the loop: reap() runs every round.
+
+    def signal_workers(self, signum):
+        for worker in self.workers:
+            if worker.pid:
+                os.kill(worker.pid, signum)
+
+    def stop(self):
+        """Stop as one server does: each worker finishes its requests in
+        flight, then ends; none starts again."""
+        if self.state is STOPPING:
+            return
+        self.state = STOPPING
+        self.socket.close()     # (the workers' stay open until they end)
+        self.stop_at = time.monotonic() + SHUTDOWN_GRACE + STOP_SLACK
+        for worker in self.workers:
+            worker.start_at = None
+        self.signal_workers(signal.SIGTERM)
+
+    def reap(self):
+        """Every worker that ended: while RUNNING it is started again after
+        its back-off, unless it could not start or its log failed, which
+        stop the server."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for worker in self.workers:
+                if worker.pid == pid:
+                    worker.pid = None
+                    self.ended(worker, pid, status)
+
+    def ended(self, worker, pid, status):
+        # What it wrote that is not relayed yet, to the end of its pipe (no
+        # process writes to it any more): before anything about its end.
+        while worker.pipe is not None:
+            self.relay(worker)
+        code = os.waitstatus_to_exitcode(status)
+        if code == WORKER_CANNOT_START or code == 1:
+            why = ('could not start' if code == WORKER_CANNOT_START
+                   else 'stopped: its log could not be written')
+            report('worker %d %s; stopping' % (worker.number, why))
+            server_log().error('worker %d %s; stopping', worker.number, why)
+            self.status = max(self.status, 2 if code == WORKER_CANNOT_START
+                              else 1)
+            self.stop()
+        elif self.state is RUNNING:
+            lived = time.monotonic() - worker.started
+            if lived >= YOUNG:
+                worker.delay = FIRST_RESTART_DELAY
+            server_log().warning('worker %d (pid %d) %s after %.1f s; starting'
+                                 ' it again in %.1f s', worker.number, pid,
+                                 exit_text(status), lived, worker.delay)
+            worker.start_at = time.monotonic() + worker.delay
+            worker.delay = min(worker.delay * 2, MAX_RESTART_DELAY)
+
+    def relay(self, worker):
+        """Read what worker wrote and pass its whole lines on; the end of
+        its pipe means it has ended (a line it left cut is dropped, said)."""
+        data = os.read(worker.pipe, RELAY_READ_BYTES)
+        if not data:
+            os.close(worker.pipe)
+            worker.pipe = None
+            if worker.partial:
+                server_log().error('worker %d ended in the middle of a record;'
+                                   ' its %d bytes dropped', worker.number,
+                                   len(worker.partial))
+            return
+        data = worker.partial + data
+        end = data.rfind(b'\n') + 1
+        worker.partial = data[end:]
+        if end:
+            self.writer.relay(data[:end])
 
 
 # -- Main ----------------------------------------------------------------------
@@ -5157,7 +5603,7 @@ def main(argv=None, environ=os.environ):
             raise SettingError('LOG_FILE=%r cannot be opened: %s'
                                % (settings.log_file, error))
         try:
-            server = Server((settings.host, settings.port))
+            listener = listen((settings.host, settings.port))
         except OSError as error:
             raise SettingError('cannot listen on %s=%r %s=%d: %s' % (
                 settings.sources.get('host', 'HOST'), settings.host,
@@ -5166,33 +5612,10 @@ def main(argv=None, environ=os.environ):
         report(error)
         return 2
     SETTINGS.update(settings)
-    formatter = JsonFormatter if settings.log_format == 'json' else TextFormatter
-    writer.setFormatter(formatter())
-    LOGGER.addHandler(writer)
-    LOGGER.setLevel(logging.INFO)
-    LOGGER.propagate = False
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: server.shutdown())
-    signal.signal(signal.SIGHUP, lambda signum, frame: writer.request_reopen())
-    urls = server.url()
-    if settings.tls is not None:
-        urls += ' and ' + server.url('https')
-    server_log().info('listening on %s', urls)
-    if settings.log_file:
-        report('listening on %s, logging to %s' % (urls, settings.log_file))
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-        QUIET.report(time.monotonic())
-        server_log().info('stopped')
-        writer.close()
-    if writer.unwritten():
-        report('%d records could not be written to %s: %s' % (
-            writer.unwritten(), writer.destination(), writer.error))
-    if server.gave_up is not None or writer.unwritten():
-        return 1
-    return 0
+    KEYS.suffix = '' if settings.instance is None else '~' + settings.instance
+    if settings.workers > 1:
+        return Parent(listener, writer, settings).run()
+    return serve(Server(listener=listener), writer, settings)
 
 
 if __name__ == '__main__':

@@ -6,7 +6,9 @@ tests read back; whole-process behaviour (settings, signals, exit codes) runs
 
 import base64
 import calendar
+import datetime
 import errno
+import fcntl
 import gc
 import gzip
 import hashlib
@@ -24,7 +26,9 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
+import termios
 import sys
 import threading
 import time
@@ -564,6 +568,8 @@ def test_a_bare_message_is_written_alike_with_or_without_a_log_record(
     straight to kek's writer when it is the only handler; beside another
     handler each gets a LogRecord.  The lines are the same."""
     monkeypatch.setattr(time, 'monotonic', lambda: 100.0)
+    now = time.time_ns()
+    monkeypatch.setattr(kek.KEYS, 'clock', lambda: now)     # JSON's time
     messages = ['done', 'path /\x1b[31m\u202e is not /api', 'a \\ and a %s']
     logs = [kek.RequestLog('K', 99.5, 'query'), kek.server_log()]
     lines = []
@@ -4423,7 +4429,7 @@ class Process:
         for name in ('LOG_FILE', 'LOG_FORMAT', 'LOG_HEADERS', 'LOG_BODY',
                      'CORS', 'WEBHOOK_SECRET', 'WEBHOOK_SIGNATURE_HEADER',
                      'TRUSTED_PROXIES', 'LOG_SKIP', 'TLS_CERT', 'TLS_KEY',
-                     'TLS_CLIENT_CA'):
+                     'TLS_CLIENT_CA', 'WORKERS', 'INSTANCE'):
             environ.pop(name, None)
         if log_file:
             environ['LOG_FILE'] = str(self.log_path)
@@ -4507,7 +4513,8 @@ def test_defaults_are_the_documented_ones():
         'log_file': None, 'log_headers': True, 'log_body': 1024, 'cors': True,
         'webhook_secret': None, 'webhook_signature_header': None,
         'trusted_proxies': (), 'log_skip': frozenset(), 'tls_cert': None,
-        'tls_key': None, 'tls_client_ca': None, 'tls': None, 'sources': {}}
+        'tls_key': None, 'tls_client_ca': None, 'tls': None, 'workers': 1,
+        'instance': None, 'sources': {}}
 
 
 def test_every_setting_has_its_largest_value():
@@ -4516,6 +4523,7 @@ def test_every_setting_has_its_largest_value():
         'LOG_FILE': 'x.log', 'HOST': '::1', 'CORS': 'off',
         'WEBHOOK_SECRET': 's\udcff', 'WEBHOOK_SIGNATURE_HEADER': 'X-' + 'A' * 254,
         'TRUSTED_PROXIES': '0.0.0.0/0,::/0', 'LOG_SKIP': '/healthz,/a/b',
+        'WORKERS': '256', 'INSTANCE': 'w' * 32,
     })) == {
         'host': '::1', 'port': 65535, 'log_format': 'json',
         'log_file': 'x.log', 'log_headers': False, 'log_body': 65536,
@@ -4524,8 +4532,10 @@ def test_every_setting_has_its_largest_value():
         'webhook_secret': b's\xff', 'webhook_signature_header': 'x-' + 'a' * 254,
         'trusted_proxies': kek.networks('0.0.0.0/0,::/0'),
         'log_skip': frozenset({'/healthz', '/a/b'}), 'tls_cert': None,
-        'tls_key': None, 'tls_client_ca': None, 'tls': None,
+        'tls_key': None, 'tls_client_ca': None, 'tls': None, 'workers': 256,
+        'instance': 'w' * 32,
         'sources': {'trusted_proxies': 'TRUSTED_PROXIES', 'log_skip': 'LOG_SKIP',
+                    'workers': 'WORKERS', 'instance': 'INSTANCE',
                     'port': '--port', 'host': 'HOST', 'log_file': 'LOG_FILE',
                     'log_format': 'LOG_FORMAT', 'log_headers': 'LOG_HEADERS',
                     'log_body': 'LOG_BODY', 'cors': 'CORS',
@@ -7332,3 +7342,590 @@ def test_the_end_of_a_handshake_is_acked_at_once(harness, pems, monkeypatch):
         client.setblocking(True)
     assert conn.connection.options == [(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)]
     client.close()
+
+
+# -- Every core, many machines ---------------------------------------------------
+
+def test_a_worker_s_keys_are_its_own_microseconds_and_move_on_by_its_stride():
+    readings = iter([10, 10, 10, 11, 13, 9])
+    keys = kek.Keys(clock=lambda: (1764179000000000 + next(readings)) * 1000,
+                    stride=3, offset=2)
+    micros = [int(keys.next()[20:26]) for _ in range(6)]
+    # Each is 2 modulo 3 as a count of microseconds, each after the last.
+    assert micros == [12, 15, 18, 21, 24, 27]
+    assert all((1764179000000000 + micro) % 3 == 2 for micro in micros)
+
+
+def test_workers_keys_never_meet():
+    clock = lambda: 1764179000123401000
+    taken = set()
+    for offset in range(3):
+        keys = kek.Keys(clock=clock, stride=3, offset=offset)
+        mine = {keys.next() for _ in range(1000)}
+        assert len(mine) == 1000 and not mine & taken
+        taken |= mine
+
+
+def test_an_instance_ends_every_key_and_not_a_record_s_time():
+    keys = kek.Keys(clock=lambda: 1764179000123401999, suffix='~web2')
+    assert keys.next() == '2025-11-26T17:43:20.123401Z~web2'
+    assert keys.now() == '2025-11-26T17:43:20.123401Z'
+
+
+@pytest.mark.parametrize('text, workers', [
+    ('1', 1), ('2', 2), ('256', 256), ('auto', len(os.sched_getaffinity(0)))])
+def test_workers_values(text, workers):
+    assert kek.read_settings(['--workers', text], {}).workers == workers
+    assert kek.read_settings([], {'WORKERS': text}).workers == workers
+
+
+@pytest.mark.parametrize('text', ['0', '257', '1000', '-1', '2.0', ' 2', 'x',
+                                  '', 'AUTO', '\u0662'])
+def test_bad_workers_values_are_refused(text):
+    with pytest.raises(kek.SettingError) as caught:
+        kek.read_settings([], {'WORKERS': text})
+    assert str(caught.value) == ('WORKERS=%r is not a number of processes'
+                                 ' (1-256) or auto' % text)
+
+
+@pytest.mark.parametrize('text', ['web2', 'a.b-c_D9', 'w' * 32])
+def test_instance_values(text):
+    assert kek.read_settings([], {'INSTANCE': text}).instance == text
+
+
+@pytest.mark.parametrize('text', ['', 'w' * 33, 'web 2', 'web~2', 'w\u00e9b',
+                                  'a/b', 'a\nb', "a'b"])
+def test_bad_instance_values_are_refused(text):
+    with pytest.raises(kek.SettingError) as caught:
+        kek.read_settings([], {'INSTANCE': text})
+    assert str(caught.value) == (
+        "INSTANCE=%r is not a name of 1-32 letters, digits, '-', '_' or '.'"
+        " (as in web2)" % text)
+
+
+def test_bad_workers_and_instance_exit_2_from_the_command_line(tmp_path):
+    for args, env, error in (
+            (['--workers', '0'], {}, "--workers='0' is not a number of"
+             " processes (1-256) or auto"),
+            ([], {'WORKERS': 'many'}, "WORKERS='many' is not a number of"
+             " processes (1-256) or auto"),
+            ([], {'INSTANCE': 'web 2'}, "INSTANCE='web 2' is not a name of"
+             " 1-32 letters, digits, '-', '_' or '.' (as in web2)")):
+        kek_process = Process(tmp_path, env=env, args=args)
+        out, err = kek_process.proc.communicate(timeout=10)
+        assert (kek_process.proc.returncode, out, err) == (
+            2, '', 'kek: %s\n' % error)
+
+
+@pytest.fixture
+def instance_trap(tmp_path, monkeypatch):
+    monkeypatch.setattr(kek.KEYS, 'suffix', '~web2')
+    server = Trap(tmp_path, kek.JsonFormatter('web2'))
+    yield server
+    server.stop()
+
+
+def test_with_an_instance_every_key_and_record_names_it(instance_trap):
+    key = instance_trap.request()[0].getheader('X-Request-Id')
+    assert re.fullmatch(KEY + '~web2', key)
+    kek.server_log().info('a server record')
+    kek.flush_log()
+    records = [json.loads(line) for line in instance_trap.lines()]
+    mine = [record for record in records if record['request'] == key]
+    assert len(mine) == 5
+    assert all(record['instance'] == 'web2' and 'worker' not in record
+               for record in records)
+    assert records[-1]['request'] is None
+    # A record's own time is a time: a collector parses it as one.
+    for record in records:
+        assert re.fullmatch(KEY, record['time'])
+
+
+def test_every_json_record_has_its_own_time(json_trap):
+    before = time.time()
+    key = json_trap.request()[0].getheader('X-Request-Id')
+    after = time.time()
+    records = [json.loads(line) for line in json_trap.lines()]
+    assert [record['request'] for record in records] == [key] * 5
+    times = [datetime.datetime.strptime(record['time'], '%Y-%m-%dT%H:%M:%S.%fZ')
+             .replace(tzinfo=datetime.timezone.utc).timestamp()
+             for record in records]
+    assert times == sorted(times)
+    assert before - 0.001 <= times[0] and times[-1] <= after + 0.001
+    assert all('instance' not in record for record in records)
+
+
+def test_a_worker_s_json_records_carry_its_number():
+    line = kek.JsonFormatter('web2', 3).message_line(
+        {'key': 'K', 'request': 'K', 'where': 'query'}, 1.5, 'INFO', 'done')
+    record = json.loads(line)
+    assert (record['instance'], record['worker']) == ('web2', 3)
+    assert json.loads(kek.JsonFormatter().message_line(
+        {'key': 'K', 'request': 'K', 'where': 'query'}, 1.5, 'INFO',
+        'done')).keys() == {'request', 'time', 'offset_ms', 'level', 'where',
+                            'message'}
+
+
+TRACE = '0af7651916cd43dd8448eb211c80319c'
+PARENT_ID = 'b7ad6b7169203331'
+
+
+@pytest.mark.parametrize('value, ids', [
+    ('00-%s-%s-01' % (TRACE, PARENT_ID), (TRACE, PARENT_ID)),
+    ('00-%s-%s-00' % (TRACE, PARENT_ID), (TRACE, PARENT_ID)),
+    # A later version may add fields after the flags.
+    ('cc-%s-%s-01-what-comes-next' % (TRACE, PARENT_ID), (TRACE, PARENT_ID)),
+    ('cc-%s-%s-01' % (TRACE, PARENT_ID), (TRACE, PARENT_ID)),
+    ('00-%s-%s-01' % (TRACE.upper(), PARENT_ID), None),
+    ('ff-%s-%s-01' % (TRACE, PARENT_ID), None),
+    ('00-%s-%s-01' % ('0' * 32, PARENT_ID), None),
+    ('00-%s-%s-01' % (TRACE, '0' * 16), None),
+    ('00-%s-%s-01-more' % (TRACE, PARENT_ID), None),
+    ('00-%s-%s-1' % (TRACE, PARENT_ID), None),
+    ('00-%s-%s-01' % (TRACE[:-1], PARENT_ID), None),
+    ('00-%s-%s' % (TRACE, PARENT_ID), None),
+    ('0-%s-%s-01' % (TRACE, PARENT_ID), None),
+    ('00-%s-%s-01, 00-%s-%s-01' % (TRACE, PARENT_ID, TRACE, PARENT_ID), None),
+    ('cc-%s-%s-01-\x00' % (TRACE, PARENT_ID), None),
+])
+def test_traceparent_by_w3c_rules(value, ids):
+    assert kek.trace_parent(value) == ids
+
+
+def test_a_valid_traceparent_gives_trace_and_span_ids(json_trap):
+    value = '00-%s-%s-01' % (TRACE, PARENT_ID)
+    json_trap.request(headers={'traceparent': value})
+    arrival = json.loads(json_trap.lines()[0])
+    assert (arrival['traceparent'], arrival['trace_id'], arrival['span_id']) == (
+        value, TRACE, PARENT_ID)
+
+
+def test_an_invalid_traceparent_is_only_shown_as_a_header(json_trap):
+    value = 'ff-%s-%s-01' % (TRACE, PARENT_ID)
+    json_trap.request(headers={'traceparent': value})
+    arrival = json.loads(json_trap.lines()[0])
+    assert arrival['traceparent'] == value
+    assert 'trace_id' not in arrival and 'span_id' not in arrival
+
+
+class Workers(Process):
+    """`WORKERS=2 python kek.py`: its port and its workers' pids read from
+    its first line."""
+
+    def __init__(self, tmp_path, env=None, **more):
+        super().__init__(tmp_path, env=dict({'WORKERS': '2'}, **(env or {})),
+                         **more)
+
+    def wait_listening(self):
+        line = wait_for(lambda: self.log_path.exists()
+                        and self.log_path.read_text().partition('\n')[0],
+                        timeout=10, what='the listening line')
+        self.take_listening(line)
+        return line
+
+    def take_listening(self, line):
+        match = re.search(r'listening on http://127\.0\.0\.1:(\d+) with 2'
+                          r' workers \(pids (\d+), (\d+)\)', line)
+        self.port = int(match.group(1))
+        self.pids = [int(match.group(2)), int(match.group(3))]
+
+    def records(self):
+        return [json.loads(line) for line in self.log_path.read_text()
+                .splitlines()]
+
+
+def gone(pid):
+    """True once pid has ended (a zombie has ended)."""
+    try:
+        with open('/proc/%d/status' % pid) as status:
+            return 'State:\tZ' in status.read()
+    except FileNotFoundError:
+        return True
+
+
+def workers_seen(kek_process, at_least=2):
+    """Connect anew until at_least workers have answered; their numbers."""
+    def answered_by_enough():
+        kek_process.get()
+        numbers = {record['worker'] for record in kek_process.records()
+                   if 'worker' in record}
+        return numbers if len(numbers) >= at_least else None
+    return wait_for(answered_by_enough, timeout=10, what='workers answering')
+
+
+def test_workers_share_the_port_with_keys_of_their_own(tmp_path):
+    kek_process = Workers(tmp_path, env={'LOG_FORMAT': 'json'})
+    line = json.loads(kek_process.wait_listening())
+    assert line['request'] is None and 'worker' not in line
+    assert workers_seen(kek_process) == {1, 2}
+    assert kek_process.stop()[0] == 0
+    records = kek_process.records()
+    stories = {}
+    for record in records:
+        if record['request'] is not None:
+            stories.setdefault(record['request'], []).append(record)
+    # Each request's story is whole, written by one worker, and its key,
+    # counted in microseconds, is the worker's number modulo 3.
+    for key, story in stories.items():
+        assert [r['where'] for r in story] == [
+            'query', 'query>process1', 'query>process2', 'query>process3',
+            'query']
+        [worker] = {r['worker'] for r in story}
+        moment = datetime.datetime.strptime(key, '%Y-%m-%dT%H:%M:%S.%fZ')
+        micros = calendar.timegm(moment.timetuple()) * 10**6 + moment.microsecond
+        assert micros % 3 == worker
+    assert [r['message'] for r in records if r['request'] is None][-1:] == [
+        'stopped']
+    assert all(gone(pid) for pid in kek_process.pids)
+
+
+def test_workers_1_is_one_process_as_before(tmp_path):
+    kek_process = Process(tmp_path, env={'WORKERS': '1'})
+    line = kek_process.wait_listening()
+    assert 'workers' not in line
+    answer = kek_process.get()
+    assert answer.status == 200
+    children = open('/proc/%d/task/%d/children' % (
+        kek_process.proc.pid, kek_process.proc.pid)).read().split()
+    assert children == []
+    assert kek_process.stop()[0] == 0
+
+
+def test_sigterm_lets_every_worker_finish_its_requests_in_flight(tmp_path):
+    kek_process = Workers(tmp_path, env={'LOG_FORMAT': 'json'})
+    kek_process.wait_listening()
+    address = ('127.0.0.1', kek_process.port)
+    held = {1: [], 2: []}       # each worker's connections, answered once
+    try:
+        for _ in range(100):
+            if min(len(socks) for socks in held.values()) >= 2:
+                break
+            sock = socket.create_connection(address, timeout=5)
+            sock.sendall(CLOSE.replace(b'close', b'keep-alive'))
+            [(_, headers, _)] = parse_responses(
+                wait_for(lambda: sock.recv(65536)))
+            key = headers['X-Request-Id']
+            [worker] = wait_for(lambda: [r['worker'] for r in
+                                         kek_process.records()
+                                         if r['request'] == key][:1])
+            held[worker].append(sock)
+        # On each worker one connection idle, one with a request in flight.
+        idle = [socks[0] for socks in held.values()]
+        busy = [socks[1] for socks in held.values()]
+        for sock in busy:
+            sock.sendall(b'POST /api HTTP/1.1\r\nHost: x\r\nContent-Length:'
+                         b' 10\r\n\r\n01234')
+        for sock in idle:   # answered after its worker has read the POST's
+            sock.sendall(CLOSE.replace(b'close', b'keep-alive'))
+            assert parse_responses(wait_for(lambda: sock.recv(65536)))
+        kek_process.proc.send_signal(signal.SIGTERM)
+        # Stopping closes idle connections at once: each worker has begun
+        # to stop, and the rest of the bodies arrive while they finish.
+        for sock in idle:
+            assert recv_until_closed(sock) == b''
+        for sock in busy:
+            sock.sendall(b'56789')
+        for sock in busy:
+            [(_, headers, body)] = parse_responses(recv_until_closed(sock))
+            assert headers['Connection'] == 'close'
+            assert error_body(body) == ['method POST is not allowed']
+    finally:
+        for socks in held.values():
+            for sock in socks:
+                sock.close()
+    kek_process.proc.communicate(timeout=10)
+    assert kek_process.proc.returncode == 0
+    records = kek_process.records()
+    posts = [r for r in records if r.get('method') == 'POST']
+    assert sorted(r['worker'] for r in posts) == [1, 2]
+    assert [r['message'] for r in records].count('stopped') == 1
+    assert all(gone(pid) for pid in kek_process.pids)
+
+
+def log_fds(pid):
+    """The files pid holds open, by path."""
+    paths = []
+    for fd in os.listdir('/proc/%d/fd' % pid):
+        try:
+            paths.append(os.readlink('/proc/%d/fd/%s' % (pid, fd)))
+        except FileNotFoundError:
+            pass
+    return paths
+
+
+def test_sighup_reopens_the_log_file_in_every_worker(tmp_path):
+    kek_process = Workers(tmp_path, env={'LOG_FORMAT': 'json'})
+    kek_process.wait_listening()
+    workers_seen(kek_process)       # both serve: past their start
+    rotated = tmp_path / 'kek.log.1'
+    kek_process.log_path.rename(rotated)
+    assert all(str(rotated) in log_fds(pid) for pid in kek_process.pids)
+    kek_process.proc.send_signal(signal.SIGHUP)
+    # Every worker, and the parent, opens the new file by the signal alone,
+    # with no request to write.
+    for pid in kek_process.pids + [kek_process.proc.pid]:
+        wait_for(lambda: str(kek_process.log_path) in log_fds(pid)
+                 and str(rotated) not in log_fds(pid),
+                 what='pid %d reopening the log' % pid)
+    assert kek_process.stop()[0] == 0
+
+
+def test_a_killed_worker_is_started_again_under_its_number(tmp_path):
+    kek_process = Workers(tmp_path, env={'LOG_FORMAT': 'json'})
+    kek_process.wait_listening()
+    first, second = kek_process.pids
+    os.kill(first, signal.SIGKILL)
+    restarted = wait_for(lambda: [r['message'] for r in kek_process.records()
+                                  if 'started again' in r['message']],
+                         what='the restart')
+    [(pid,)] = [re.fullmatch(r'worker 1 started again: pid (\d+)', message)
+                .groups() for message in restarted]
+    messages = [r['message'] for r in kek_process.records()]
+    assert any(re.fullmatch(r'worker 1 \(pid %d\) was killed by SIGKILL after'
+                            r' \d+\.\d s; starting it again in 0\.1 s' % first,
+                            message) for message in messages)
+    assert gone(first) and not gone(int(pid)) and not gone(second)
+    assert workers_seen(kek_process) == {1, 2}
+    served = [r for r in kek_process.records() if r.get('worker') == 1]
+    assert served    # the new worker 1 serves
+    assert kek_process.stop()[0] == 0
+    assert gone(int(pid))
+
+
+def test_a_worker_that_dies_young_again_waits_twice_as_long(tmp_path):
+    kek_process = Workers(tmp_path)
+    kek_process.wait_listening()
+    os.kill(kek_process.pids[1], signal.SIGKILL)
+    pid = wait_for(lambda: re.findall(r'worker 2 started again: pid (\d+)',
+                                      kek_process.log_path.read_text()))[0]
+    os.kill(int(pid), signal.SIGKILL)
+    wait_for(lambda: len(re.findall(r'worker 2 started again',
+                                    kek_process.log_path.read_text())) == 2)
+    text = kek_process.log_path.read_text()
+    assert re.findall(r'worker 2 \(pid \d+\) was killed by SIGKILL after'
+                      r' \d+\.\d s; starting it again in (\d\.\d) s',
+                      text) == ['0.1', '0.2']
+    assert kek_process.stop()[0] == 0
+
+
+def test_workers_stop_by_themselves_when_the_parent_is_killed(tmp_path):
+    kek_process = Workers(tmp_path, env={'LOG_FORMAT': 'json'})
+    kek_process.wait_listening()
+    workers_seen(kek_process)       # both serve: past their start
+    kek_process.proc.kill()
+    kek_process.proc.communicate(timeout=10)
+    for pid in kek_process.pids:
+        wait_for(lambda: gone(pid), timeout=10, what='worker %d gone' % pid)
+    said = [(r['worker'], r['level'], r['message'])
+            for r in kek_process.records() if r['request'] is None
+            and 'worker' in r]
+    assert sorted(said) == [
+        (worker, 'ERROR', 'the parent process %d is gone; stopping'
+         % kek_process.proc.pid) for worker in (1, 2)]
+
+
+def pipe_bytes(fd):
+    """How many bytes wait in the pipe at fd."""
+    return struct.unpack('i', fcntl.ioctl(fd, termios.FIONREAD, b'\0' * 4))[0]
+
+
+def test_workers_on_a_pipe_never_tear_a_line(tmp_path):
+    """Records of 60 KiB from both workers through standard output, a pipe
+    kek's parent finds full at first: every line whole, none lost."""
+    kek_process = Workers(tmp_path, log_file=False, env={
+        'LOG_FORMAT': 'json', 'LOG_BODY': '65536'})
+    out = kek_process.proc.stdout
+    lines = [out.readline()]
+    kek_process.take_listening(lines[0])
+    held = {1: [], 2: []}       # keep-alive connections, by worker
+    for _ in range(200):
+        if min(len(conns) for conns in held.values()) >= 6:
+            break
+        conn = http.client.HTTPConnection('127.0.0.1', kek_process.port,
+                                          timeout=10)
+        conn.request('GET', '/api')
+        answer = conn.getresponse()
+        answer.read()
+        key = answer.getheader('X-Request-Id')
+        while True:     # its records come through the parent
+            lines.append(out.readline())
+            record = json.loads(lines[-1])
+            if record['request'] == key:
+                break
+        held[record['worker']].append(conn)
+    conns = held[1][:6] + held[2][:6]
+    bodies = [bytes([65 + n]) * (60 * 1024) for n in range(12)]
+    answers = []
+
+    def post(conn, body):
+        conn.request('POST', '/api', body=body,
+                     headers={'Content-Type': 'text/plain'})
+        answer = conn.getresponse()
+        answer.read()
+        answers.append(answer.status)
+        conn.close()
+    threads = [threading.Thread(target=post, args=pair)
+               for pair in zip(conns, bodies)]
+    for thread in threads:
+        thread.start()
+    # The pipe fills while nothing reads it: kek's writes wait, and so do
+    # the answers of records that could not be written.
+    wait_for(lambda: pipe_bytes(out.fileno()) >= 60 * 1024, what='a full pipe')
+    assert len(answers) < 12
+    reader = threading.Thread(target=lambda: lines.extend(out))
+    reader.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert answers == [200] * 12
+    kek_process.proc.send_signal(signal.SIGTERM)
+    reader.join(timeout=10)
+    kek_process.proc.wait(timeout=10)
+    records = [json.loads(line) for line in lines]
+    previews = {r['preview']: r['worker'] for r in records if 'preview' in r}
+    assert sorted(previews) == [body.decode() for body in bodies]
+    assert sorted(previews.values()) == [1] * 6 + [2] * 6
+    assert records[-1]['message'] == 'stopped'
+    assert kek_process.proc.returncode == 0
+
+
+def test_a_worker_that_cannot_start_stops_the_server_with_exit_2(tmp_path):
+    kek_process = Workers(tmp_path, env={'LOG_FORMAT': 'json'})
+    kek_process.wait_listening()
+    workers_seen(kek_process)       # both serve: past their start
+    kek_process.log_path.unlink()
+    kek_process.log_path.mkdir()        # LOG_FILE can no longer be opened
+    os.kill(kek_process.pids[0], signal.SIGKILL)
+    out, err = kek_process.proc.communicate(timeout=10)
+    assert kek_process.proc.returncode == 2
+    said = err.splitlines()
+    assert ('kek: worker 1 cannot start: [Errno 21] Is a directory: %r'
+            % str(kek_process.log_path)) in said
+    assert 'kek: worker 1 could not start; stopping' in said
+    assert all(gone(pid) for pid in kek_process.pids)
+
+
+def test_a_worker_whose_log_failed_stops_the_server_with_exit_1(tmp_path):
+    kek_process = Workers(tmp_path, env={'LOG_FILE': '/dev/full'})
+    err = kek_process.proc.stderr
+    while True:
+        line = err.readline()
+        if ' listening on ' in line:
+            break
+    pids = [int(pid) for pid in re.findall(r'\d+', line.rpartition('pids')[2])]
+    address = ('127.0.0.1', int(re.search(r':(\d+),', line).group(1)))
+    said = []
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(CLOSE)     # its records cannot be written: no answer
+        # The parent's log fails with its first line, then a worker's.
+        wait_for(lambda: said.append(err.readline()) or sum(
+            'cannot write the log to /dev/full' in line for line in said) == 2,
+            what="a worker's log failing")
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        kek_process.proc.wait(timeout=15)
+    said.extend(err)
+    assert kek_process.proc.returncode == 1
+    assert sum(re.fullmatch(r'kek: worker [12] stopped: its log could not be'
+                            r' written; stopping\n', line) is not None
+               for line in said) == 1
+    assert all(gone(pid) for pid in pids)
+
+
+def test_a_worker_that_does_not_stop_is_killed(tmp_path):
+    kek_process = Workers(tmp_path)
+    kek_process.wait_listening()
+    stuck = kek_process.pids[1]
+    os.kill(stuck, signal.SIGSTOP)
+    assert kek_process.stop()[0] == 0
+    assert gone(stuck)
+    assert ('main worker 2 (pid %d) did not stop in 5 s; killed' % stuck
+            in kek_process.log_path.read_text())
+
+
+@pytest.fixture
+def parent(tmp_path, logged, monkeypatch):
+    """A Parent of two workers that never started, in this process."""
+    monkeypatch.setattr(kek.KEYS, 'stride', kek.KEYS.stride)
+    writer = logged(make_writer(tmp_path / 'kek.log'))
+    listener = kek.listen(('127.0.0.1', 0))
+    the_parent = kek.Parent(listener, writer, kek.Settings(workers=2))
+    yield the_parent
+    listener.close()
+    os.close(the_parent.wake)
+    os.close(the_parent.woken)
+
+
+def test_a_line_a_worker_left_cut_is_dropped_and_said(parent, tmp_path):
+    worker = parent.workers[0]
+    worker.pipe, end = os.pipe()
+    os.write(end, b'K +0.000ms INFO  query o')
+    parent.relay(worker)
+    assert worker.partial == b'K +0.000ms INFO  query o'
+    os.write(end, b'ne\nK +0.001ms INFO  query tw')
+    os.close(end)
+    parent.relay(worker)
+    parent.writer.flush()
+    assert (tmp_path / 'kek.log').read_text() == 'K +0.000ms INFO  query one\n'
+    assert worker.partial == b'K +0.001ms INFO  query tw'
+    parent.relay(worker)
+    kek.flush_log()
+    lines = (tmp_path / 'kek.log').read_text().splitlines()
+    assert worker.pipe is None and len(lines) == 2
+    assert lines[1].endswith(' ERROR main worker 1 ended in the middle of a'
+                             ' record; its 25 bytes dropped')
+
+
+def test_a_parent_whose_log_fails_too_long_stops(parent, monkeypatch, capfd):
+    monkeypatch.setattr(kek, 'LOG_GIVE_UP', 0.0)
+    monkeypatch.setattr(kek, 'LOG_RETRY_INTERVAL', 0.01)
+    parent.writer.path = '/dev/full'
+    parent.writer.request_reopen()
+    write_record(parent.writer, 'waits')
+    assert parent.writer.waiting()
+    parent.round()
+    assert parent.state is kek.STOPPING and parent.status == 1
+    assert capfd.readouterr().err.endswith(
+        'kek: the log could not be written for 0 s; stopping\n')
+    parent.writer.close()
+
+
+def test_a_dead_worker_s_records_are_relayed_before_its_end_is_said(parent,
+                                                                    tmp_path):
+    worker = parent.workers[1]
+    worker.pipe, end = os.pipe()
+    os.write(end, b'K +0.000ms INFO  query last words\n')
+    os.close(end)
+    worker.started = time.monotonic() - kek.YOUNG     # it lived long
+    worker.delay = 4.0
+    parent.ended(worker, 1234, signal.SIGKILL)     # (a wait status)
+    kek.flush_log()
+    first, second = (tmp_path / 'kek.log').read_text().splitlines()
+    assert first == 'K +0.000ms INFO  query last words'
+    assert re.fullmatch(r'%s \+\d+\.\d{3}ms WARNING main worker 2 \(pid 1234\)'
+                        r' was killed by SIGKILL after 10\.\d s; starting it'
+                        r' again in 0\.1 s' % KEY, second)
+    assert worker.pipe is None and worker.delay == 0.2
+    assert worker.start_at == pytest.approx(time.monotonic() + 0.1, abs=0.05)
+
+
+def test_in_the_forked_child_start_becomes_the_worker(parent, monkeypatch):
+    """(What the child does after os.fork() is run by the workers of the
+    process tests; coverage cannot follow the frame that forked.)"""
+    became = []
+
+    def become(worker, pipe, parent_pid):
+        became.append((worker, parent_pid))
+        for fd in pipe:
+            os.close(fd)
+        raise SystemExit(0)
+    monkeypatch.setattr(kek.os, 'fork', lambda: 0)
+    monkeypatch.setattr(parent, 'become', become)
+    with pytest.raises(SystemExit):
+        parent.start(parent.workers[1])
+    assert became == [(parent.workers[1], os.getpid())]
+    assert parent.workers[1].pid is None
+
+
+def test_a_worker_that_exits_is_said_with_its_status():
+    assert kek.exit_text(0x100) == 'exited with status 1'
+    assert kek.exit_text(signal.SIGKILL) == 'was killed by SIGKILL'
