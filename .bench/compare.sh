@@ -4,7 +4,8 @@
 #   .bench/compare.sh [NAME ...]      (from anywhere; default: kek aiohttp_app twisted_web flask_dev)
 #   (also stdlib_loop, kek's one-loop ceiling, and kek_signed, kek checking webhook.lua's signature;
 #   kek_proxied, kek with TRUSTED_PROXIES=127.0.0.1, for scenario f; kek_quiet, LOG_SKIP=/healthz, for h;
-#   kek_tls and aiohttp_tls, each serving HTTPS with one P-256 certificate, for s and t)
+#   kek_tls and aiohttp_tls, each serving HTTPS with one P-256 certificate, for s and t;
+#   kek_w2, WORKERS=2 appending to LOG_FILE, and kek_w2_relay, WORKERS=2 with the log on standard output)
 #
 # Environment: ROUNDS=3, SCEN="a b c d" (see run.sh; e is a webhook-like POST), DURATION=10, PIN=1 (server on core 0,
 # wrk on core 1), OUT=/tmp/kek-bench/compare, LOG_FORMAT and
