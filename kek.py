@@ -78,6 +78,7 @@ import io
 import ipaddress
 import json
 import logging
+import mmap
 import os
 import re
 import resource
@@ -87,6 +88,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import sys
 import textwrap
 import threading
@@ -140,6 +142,7 @@ ACCEPT_PAUSE = 0.1      # seconds without accepting when out of file
 # What one client may take of the loop and of memory.
 MAX_REQUESTS_A_TURN = 8         # pipelined requests served a round, a connection
 LISTEN_BACKLOG = 1024           # the stock 5 resets bursts of connects
+MAX_ACCEPTS_A_ROUND = LISTEN_BACKLOG    # one process takes all that wait
 RECV_BYTES = MAX_HEAD_BYTES + 1  # a head, and the byte that makes it too long:
                                 # what inbuf holds at most
 MAX_PENDING_OUTPUT = 64 * 1024  # unsent answers before a client's requests wait
@@ -151,6 +154,8 @@ MAX_PENDING_LOG_BYTES = 16 * 1024 * 1024   # records kept while they wait:
                                 # closes' records come; past it, counted
 LOG_RETRY_INTERVAL = 1.0        # seconds between tries (the SPEC says 2 at most)
 LOG_GIVE_UP = 60.0              # seconds of a log that fails before kek stops
+LOG_SLOW_READER = 1.0           # seconds a full pipe may wait unsaid: a reader
+                                # that falls behind for a moment is no failure
 # WORKERS=N (SPEC 6).
 MAX_WORKERS = 256       # processes; past the cores they only share them
 MAX_INSTANCE_CHARS = 32  # INSTANCE ends every key: keep keys short
@@ -588,6 +593,7 @@ class Keys:
         self.stride = stride
         self.offset = offset
         self.suffix = suffix
+        self.shared = None          # (share())
         self.last_us = 0
         self.stamp = (None, '')     # a second, and its text: one tuple, so
                                     # that now() reads a pair that matches
@@ -598,6 +604,15 @@ class Keys:
                                                 time.gmtime(second)))
         return self.stamp[1]
 
+    def share(self, shared, stride, offset):
+        """Key as worker offset of stride - 1, its last key kept in shared
+        (an mmap of 8 bytes a worker, the parent's offset 0): a worker
+        started again after one that died goes on after its last key, which
+        may have run ahead of the clock."""
+        self.stride, self.offset, self.shared = stride, offset, shared
+        self.last_us = max(self.last_us,
+                           struct.unpack_from('q', shared, offset * 8)[0])
+
     def next(self):
         with self.lock:
             us = self.clock() // 1000
@@ -605,6 +620,8 @@ class Keys:
             if us <= self.last_us:
                 us = self.last_us + self.stride
             self.last_us = us
+            if self.shared is not None:
+                struct.pack_into('q', self.shared, self.offset * 8, us)
             second, micro = divmod(us, 1000000)
             return f'{self.second_text(second)}.{micro:06d}Z{self.suffix}'
 
@@ -2271,8 +2288,10 @@ NESTS = re.compile(r'[=@{\[/<]')
 def shown_free(value):
     """A header's value that has no rule of its own: what nests in it (a
     URL, a form or JSON) by the rules, then shown().  Most have nothing
-    that could nest, and are short and plain: shown as they are."""
+    that could nest: only their fields by name ('password: ...', as free
+    text has them), then shown()."""
     if NESTS.search(value) is None:
+        value = hide_fields(value)
         if (len(value) < MIN_CREDENTIAL and value.isascii()
                 and value.isprintable()):
             return value        # shown()'s common case, without the call
@@ -3379,6 +3398,7 @@ class LogWriter(logging.Handler):
         self.waited = 0             # records that waited since
         self.dropped = 0            # records dropped past MAX_PENDING_LOG_BYTES
         self.reopen_requested = False
+        self.said = False           # the failure, on standard error
         self.was_blocking = None    # standard output's mode, to give back
         if path is None:
             self.fd = 1
@@ -3476,19 +3496,35 @@ class LogWriter(logging.Handler):
         return self.state is WAITING
 
     def fail(self, error):
-        """A write or an open failed: records wait.  Said once."""
+        """A write or an open failed: records wait.  Said once, at once;
+        a full pipe only once it has waited LOG_SLOW_READER (note())."""
         self.error = error
         if self.state is WRITING:
             self.state = WAITING
             self.failed_at = time.monotonic()
             self.waited = self.pending_records
-            report('cannot write the log to %s: %s; not reading requests'
-                   ' until it works again' % (self.destination(), error))
+            self.said = False
+            if not isinstance(error, BlockingIOError):
+                self.say_failure()
+
+    def say_failure(self):
+        self.said = True
+        report('cannot write the log to %s: %s; not reading requests until'
+               ' it works again' % (self.destination(), self.error))
+
+    def note(self, now):
+        """While records wait: say a full pipe that has waited too long."""
+        if (self.state is WAITING and not self.said
+                and now - self.failed_at >= LOG_SLOW_READER):
+            self.say_failure()
 
     def recover(self):
         """Every waiting record is written: say for how long it could not
-        be, in a main record and on standard error."""
+        be, in a main record and on standard error, if its failure was
+        said."""
         self.state = WRITING
+        if not (self.said or self.dropped):
+            return      # a reader behind for a moment: nothing to say
         message = 'the log could not be written for %.1f s (%s); %d records' \
             ' waited' % (time.monotonic() - self.failed_at, self.error,
                          self.waited)
@@ -4512,10 +4548,12 @@ class Connection(BaseHTTPRequestHandler):
         data = bytes(self.inbuf)
         del self.inbuf[:]
         if len(self.server.handshaking) >= MAX_HANDSHAKES:
-            self.tls.feed(data)
-            self.tls_failed('kek shakes %d hands at most at once; connection'
-                            ' closed' % MAX_HANDSHAKES)
-            return False
+            # The oldest makes room: refusing the newest instead let 256
+            # stalled hellos keep every other client out.
+            oldest = min(self.server.handshaking, key=lambda conn: conn.active_at)
+            self.server.run(oldest, oldest.tls_failed, (
+                'kek shakes %d hands at most at once, and this one was the'
+                ' oldest: closed to make room for a new one' % MAX_HANDSHAKES))
         self.server.handshaking.add(self)
         return self.take_tls(data)
 
@@ -4905,6 +4943,7 @@ class Server:
     """
 
     parent = None       # a worker's parent's pid: gone, the worker stops
+    accepts_a_round = MAX_ACCEPTS_A_ROUND
 
     def __init__(self, address=None, listener=None):
         """Listen on address, or, in a worker, on its parent's listener."""
@@ -4994,7 +5033,10 @@ class Server:
             if fd == self.waker.fileno():
                 self.waker.recv(4096)
         flush_log()
+        self.check_parent()
         now = time.monotonic()
+        for writer in log_writers():
+            writer.note(now)
         failing_for = max(writer.failing_for(now) for writer in log_writers())
         if failing_for >= LOG_GIVE_UP and self.gave_up is None:
             self.gave_up = ('the log could not be written for %d s; stopping'
@@ -5064,7 +5106,9 @@ class Server:
         return more
 
     def accept(self):
-        while True:
+        """Take the connections that wait, at most accepts_a_round of them:
+        a worker leaves the rest to the others, woken with it."""
+        for _ in range(self.accepts_a_round):
             try:
                 sock, address = self.socket.accept()
             except BlockingIOError:
@@ -5111,15 +5155,21 @@ class Server:
         """Once every SWEEP_INTERVAL: the Date header, every connection's
         deadline, and in a worker whether its parent is still there."""
         self.date = email.utils.formatdate(usegmt=True)
+        self.check_parent()
+        for conn in list(self.connections):
+            if now >= conn.deadline():
+                self.touched.add(conn)
+                self.run(conn, conn.expire)
+
+    def check_parent(self):
+        """In a worker: stop if its parent is gone (it was killed), once.
+        Checked at each sweep, and while the log waits: a log relayed by
+        the parent waits for ever once the parent is gone."""
         if (self.parent is not None and not self.stopping
                 and os.getppid() != self.parent):
             server_log().error('the parent process %d is gone; stopping',
                                self.parent)
             self.shutdown()
-        for conn in list(self.connections):
-            if now >= conn.deadline():
-                self.touched.add(conn)
-                self.run(conn, conn.expire)
 
     def forget(self, conn):
         self.connections.discard(conn)
@@ -5165,6 +5215,9 @@ YOUNG = 10.0                # seconds: a worker that lived longer waits the
                             # first delay again
 STOP_SLACK = 2.0            # seconds past SHUTDOWN_GRACE before SIGKILL
 RELAY_READ_BYTES = 64 * 1024    # a pipe's capacity: one read takes what waits
+WORKER_ACCEPTS_A_ROUND = 1  # every idle worker wakes for a connection: one
+                            # that took them all (wrk's 16 at once) left the
+                            # others idle, and kek on one core
 
 
 def log_to(writer, settings, worker=None):
@@ -5205,8 +5258,9 @@ def close_log(writer):
     writer.close()
     if not writer.unwritten():
         return False
-    report('%d records could not be written to %s: %s' % (
-        writer.unwritten(), writer.destination(), writer.error))
+    count = writer.unwritten()
+    report('%d record%s could not be written to %s: %s' % (
+        count, 's' * (count != 1), writer.destination(), writer.error))
     return True
 
 
@@ -5216,8 +5270,8 @@ def say_listening(server, settings, workers=''):
         urls += ' and ' + url_of(server.socket, 'https')
     server_log().info('listening on %s%s', urls, workers)
     if settings.log_file:
-        report('listening on %s, logging to %s%s' % (urls, settings.log_file,
-                                                     workers))
+        report('listening on %s%s, logging to %s' % (urls, workers,
+                                                     settings.log_file))
 
 
 def exit_text(status):
@@ -5261,6 +5315,9 @@ class Parent:
         self.stop_at = None
         self.status = 0
         self.wake, self.woken = os.pipe()
+        # Each worker's last key, which a worker started in its place goes
+        # on from: 8 bytes a worker, shared with them all (MAP_SHARED).
+        self.last_keys = mmap.mmap(-1, 8 * (len(self.workers) + 1))
 
     def run(self):
         """Start every worker, keep them until they have all stopped; the
@@ -5328,7 +5385,7 @@ class Parent:
                 os.dup2(pipe[1], 1)
                 os.close(pipe[0])
                 os.close(pipe[1])
-            KEYS.stride, KEYS.offset = len(self.workers) + 1, worker.number
+            KEYS.share(self.last_keys, len(self.workers) + 1, worker.number)
             try:
                 writer = LogWriter(self.settings.log_file)
                 server = Server(listener=self.socket)
@@ -5336,6 +5393,7 @@ class Parent:
                 report('worker %d cannot start: %s' % (worker.number, error))
             else:
                 server.parent = parent  # (not getppid(): it may be gone)
+                server.accepts_a_round = WORKER_ACCEPTS_A_ROUND
                 status = serve(server, writer, self.settings, worker.number)
         finally:
             os._exit(status)
@@ -5375,6 +5433,7 @@ class Parent:
                     os.kill(worker.pid, signal.SIGKILL)
             self.stop_at = None
         flush_log()
+        self.writer.note(now)
         if self.writer.failing_for(now) >= LOG_GIVE_UP and self.state is RUNNING:
             report('the log could not be written for %d s; stopping'
                    % self.writer.failing_for(now))
@@ -5589,6 +5648,9 @@ def keep_standard_fds_open():
 def main(argv=None, environ=os.environ):
     """Run kek with argv (the command line's arguments, sys.argv's by
     default) and environ; the exit status."""
+    # Until serve() reopens LOG_FILE on it: logrotate's SIGHUP at kek's
+    # start must not end it (its default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     closed = keep_standard_fds_open()
     if argv is None:
         argv = sys.argv[1:]     # read here: the check of secrets needs them
