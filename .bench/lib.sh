@@ -35,11 +35,12 @@ server_cmd() {
         kek_quiet) CMD=(env LOG_SKIP=/healthz "$SYS_PY" "$PROJECT/kek.py") ;;  # h's /healthz unlogged
         kek_tls) CMD=("${TLS_ENV[@]}" "$SYS_PY" "$PROJECT/kek.py") ;;  # HTTPS and HTTP on one port
         kek_w2) CMD=(env WORKERS=2 "$SYS_PY" "$PROJECT/kek.py") ;;  # a parent, two workers, each appending to LOG_FILE
+        kek_wn) CMD=(env WORKERS="${BENCH_WORKERS:-auto}" "$SYS_PY" "$PROJECT/kek.py") ;;  # WORKERS=BENCH_WORKERS (auto: one a CPU)
         kek_w2_relay) CMD=(env -u LOG_FILE WORKERS=2 "$SYS_PY" "$PROJECT/kek.py") ;;  # the log on standard output: the parent relays each worker's lines
         aiohttp_tls) CMD=("${TLS_ENV[@]}" "$VENV_PY" "$BENCH/peers/aiohttp_app.py") ;;  # HTTPS only
         flask_dev|twisted_web|aiohttp_app) CMD=("$VENV_PY" "$BENCH/peers/$1.py") ;;
         stdlib_loop) CMD=("$SYS_PY" "$BENCH/peers/stdlib_loop.py") ;;   # kek's ceiling: no protections
-        *) echo "unknown server: $1 (known: $SERVERS_ALL kek_signed kek_proxied kek_quiet kek_tls aiohttp_tls kek_w2 kek_w2_relay stdlib_loop)" >&2; return 1 ;;
+        *) echo "unknown server: $1 (known: $SERVERS_ALL kek_signed kek_proxied kek_quiet kek_tls aiohttp_tls kek_w2 kek_w2_relay kek_wn stdlib_loop)" >&2; return 1 ;;
     esac
 }
 

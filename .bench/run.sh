@@ -21,6 +21,7 @@
 #   PORT=18700       port on 127.0.0.1
 #   OUT=DIR          where logs, server output and results.tsv go (default: /tmp/kek-bench/adhoc)
 #   TAG=text         free text copied into results.tsv (e.g. the round number)
+#   WRK_THREADS=2, WRK_CONNS=16   wrk's threads and connections in a and c (for kek_wn on a big machine)
 #
 # Prints one line per scenario and appends it to $OUT/results.tsv:
 #   server scenario pin rps p50_ms p99_ms non2xx sock_err peak_rss_mib log_lines requests lines_per_req
@@ -37,6 +38,8 @@ PIN=${PIN:-0}
 PORT=${PORT:-18700}
 OUT=${OUT:-/tmp/kek-bench/adhoc}
 TAG=${TAG:-}
+WRK_THREADS=${WRK_THREADS:-2}   # a and c only: more on a machine with more cores
+WRK_CONNS=${WRK_CONNS:-16}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)   # absolute: the servers run in other folders
 server_cmd "$name" >/dev/null || exit 2
@@ -58,9 +61,9 @@ child_secs() { tail -1 "$TIMES" | awk '{ split($1,a,/[ms]/); split($2,b,/[ms]/);
 
 for sc in $scenarios; do
     case $sc in
-        a) WRK_ARGS=(-t2 -c16 -s "$BENCH/scripts/stats.lua" "$URL") ;;
+        a) WRK_ARGS=(-t"$WRK_THREADS" -c"$WRK_CONNS" -s "$BENCH/scripts/stats.lua" "$URL") ;;
         b) WRK_ARGS=(-t2 -c64 -s "$BENCH/scripts/mixed.lua" "http://127.0.0.1:$PORT") ;;
-        c) WRK_ARGS=(-t2 -c16 -H "Connection: close" -s "$BENCH/scripts/stats.lua" "$URL") ;;
+        c) WRK_ARGS=(-t"$WRK_THREADS" -c"$WRK_CONNS" -H "Connection: close" -s "$BENCH/scripts/stats.lua" "$URL") ;;
         d) WRK_ARGS=(-t1 -c1 -s "$BENCH/scripts/stats.lua" "$URL") ;;
         e) WRK_ARGS=(-t2 -c16 -s "$BENCH/scripts/webhook.lua" "http://127.0.0.1:$PORT") ;;
         f) WRK_ARGS=(-t2 -c16 -H "X-Forwarded-For: 203.0.113.7, 198.51.100.2" -s "$BENCH/scripts/stats.lua" "$URL") ;;
