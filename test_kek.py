@@ -4457,10 +4457,30 @@ def connectable(port):
         return False
 
 
+STARTED = []       # every Process a test started: none outlives it
+
+
+@pytest.fixture(autouse=True)
+def no_process_left():
+    """Kill what a failed test left running: kek, and its workers."""
+    yield
+    while STARTED:
+        kek_process = STARTED.pop()
+        for pid in getattr(kek_process, 'pids', []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if kek_process.proc.poll() is None:
+            kek_process.proc.kill()
+        kek_process.proc.communicate()
+
+
 class Process:
     """`python kek.py` with its own environment; its port read from its log."""
 
     def __init__(self, tmp_path, env=None, args=(), log_file=True, **popen):
+        STARTED.append(self)
         self.log_path = tmp_path / 'kek.log'
         environ = dict(os.environ, PORT='0', HOST='127.0.0.1')
         for name in ('LOG_FILE', 'LOG_FORMAT', 'LOG_HEADERS', 'LOG_BODY',
