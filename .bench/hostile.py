@@ -660,6 +660,15 @@ def halfopen(count=1000):
         time.sleep(1)
         during = kek.rss_kib()
         refused = log_says(kek, 'hands at most at once')
+        # A client that comes now: the oldest handshake makes room for it.
+        started = time.monotonic()
+        try:
+            with client_tls().wrap_socket(socket.create_connection(
+                    kek.address, timeout=5), server_hostname='localhost') as sock:
+                request(sock, GET)
+            served = 'served in %.1f ms' % ((time.monotonic() - started) * 1000)
+        except OSError as error:
+            served = 'NOT served (%s)' % error
         for sock in socks:
             sock.close()
         time.sleep(1)
@@ -667,10 +676,11 @@ def halfopen(count=1000):
     finally:
         kek.stop()
     print('halfopen: %d hellos never answered: kek RSS %.1f MiB before, %.1f'
-          ' with them open (%d kept, %d refused at MAX_HANDSHAKES: %.0f KiB'
-          ' a handshake kept), %.1f once they closed'
-          % (count, before / 1024, during / 1024, count - refused, refused,
-             (during - before) / max(1, count - refused), after / 1024))
+          ' with them open (%d kept, %d oldest closed at MAX_HANDSHAKES: %.0f'
+          ' KiB a handshake kept), %.1f once they closed; a new HTTPS client'
+          ' %s' % (count, before / 1024, during / 1024, count - refused,
+                   refused, (during - before) / max(1, count - refused),
+                   after / 1024, served))
 
 
 def attack_handshakes(port):
