@@ -3769,6 +3769,9 @@ class Signature:
         if value.startswith('sha256='):
             value = value[len('sha256='):]
         # 64 hex digits, or the 44 characters of base64.
+        if len(value) != 64 and not BASE64_MAC.fullmatch(value):
+            raise Malformed('a signature that is neither 64 hex digits nor'
+                            ' the base64 of an HMAC-SHA256')
         self.given = [self.hex(value, 64) if len(value) == 64
                       else self.base64(value)]
         return b'', 'sha256'

@@ -2901,8 +2901,11 @@ def test_a_secret_with_no_other_form_gives_no_such_hint(trap, configure):
     ({'Paddle-Signature': 'ts=1'}, 'paddle; not ts=TIMESTAMP;h1=SIGNATURE'),
     ({'Paddle-Signature': 'ts=1;ts=2;h1=' + 'a' * 64},
      'paddle; not ts=TIMESTAMP;h1=SIGNATURE'),
+    # (A newcomer's sha256=deadbeef was said not to be base64, as if hex
+    # were not read.)
     ({'X-Checksum': 'sha256=' + 'a' * 40},
-     'custom; a signature that is not the base64 of an HMAC-SHA256'),
+     'custom; a signature that is neither 64 hex digits nor the base64 of an'
+     ' HMAC-SHA256'),
     ({'X-Checksum': 'g' * 64}, 'custom; a signature that is not 64 hex digits'),
 ])
 def test_a_signature_that_cannot_be_read_is_malformed(trap, configure, headers,
