@@ -3974,9 +3974,9 @@ HELLO_RECORD_BYTES = 5 + 16 * 1024  # a TLS record at its largest: what is
                                     # kept of the hello, for its facts
 MAX_HANDSHAKES = 256        # in progress at once: each holds about 45 KiB in
                             # OpenSSL, so at most about 12 MiB
-MAX_HANDSHAKE_STEPS = 32    # handshake steps a round: a step that answers a
-                            # hello costs 0.2 ms of CPU with a P-256 key (0.5
-                            # ms RSA-2048), so a round spends ~6-16 ms at most
+MAX_HANDSHAKE_STEPS = 32    # hellos answered a round: an answer costs 0.2
+                            # ms of CPU with a P-256 key (0.5 ms RSA-2048), so
+                            # a round spends ~6-16 ms at most on them
 TLS_SEND_BYTES = 64 * 1024  # of answers, encrypted at a time
 TLS_READ_BYTES = 64 * 1024  # of plaintext, read from OpenSSL at a time
 MAX_PEM_BYTES = 1024 * 1024  # a certificate file read at start: a chain is KiBs
@@ -4127,6 +4127,7 @@ class TLS:
         self.unsent_plain = 0       # bytes of answers it holds
         self.peer_closed = False    # the client's close_notify came
         self.shown = None           # its facts, as the log shows them
+        self.answered_at = None     # when kek sent its first flight
 
     def feed(self, data):
         """Take the handshake's bytes as they come, keeping the hello's."""
@@ -4141,12 +4142,34 @@ class TLS:
         try:
             self.object.do_handshake()
         except ssl.SSLWantReadError:
+            if self.answered_at is None and self.outgoing.pending:
+                self.answered_at = time.monotonic()
             if self.received > MAX_HANDSHAKE_BYTES:
                 raise ValueError('the client sent over %s without finishing'
                                  ' its handshake' % in_bytes(MAX_HANDSHAKE_BYTES))
             return False
         self.state = OPEN
         return True
+
+    def hello_whole(self):
+        """True once the hello's first record has come whole, or its header
+        is no TLS record's (OpenSSL says so at its first step): only then is
+        a step worth taking."""
+        hello = self.hello
+        if len(hello) < 5:
+            return False
+        size = hello[3] << 8 | hello[4]
+        return (hello[1] != 3 or size > HELLO_RECORD_BYTES - 5
+                or len(hello) >= 5 + size)
+
+    def standing(self):
+        """How far the handshake got, least first, for the one that makes
+        room at MAX_HANDSHAKES: a hello not whole yet, the oldest; then one
+        kek answered longest ago (a client answers in a round trip); last a
+        whole hello waiting for its first step (a client that just came)."""
+        if self.answered_at is not None:
+            return (1, self.answered_at)
+        return (2 if self.hello_whole() else 0, self.started)
 
     def facts(self):
         """What the handshake told, raw: its version, cipher and ALPN, the
@@ -4551,12 +4574,16 @@ class Connection(BaseHTTPRequestHandler):
         data = bytes(self.inbuf)
         del self.inbuf[:]
         if len(self.server.handshaking) >= MAX_HANDSHAKES:
-            # The oldest makes room: refusing the newest instead let 256
-            # stalled hellos keep every other client out.
-            oldest = min(self.server.handshaking, key=lambda conn: conn.active_at)
-            self.server.run(oldest, oldest.tls_failed, (
-                'kek shakes %d hands at most at once, and this one was the'
-                ' oldest: closed to make room for a new one' % MAX_HANDSHAKES))
+            # The one that got least far makes room: refusing the newest
+            # let 256 stalled hellos keep every other client out, and
+            # closing the oldest let hellos reopened faster than a round
+            # trip close a real client's handshake, waiting for its reply.
+            least = min(self.server.handshaking,
+                        key=lambda conn: conn.tls.standing())
+            self.server.run(least, least.tls_failed, (
+                'kek shakes %d hands at most at once, and this one had got'
+                ' the least far: closed to make room for a new one'
+                % MAX_HANDSHAKES))
         self.server.handshaking.add(self)
         return self.take_tls(data)
 
@@ -4570,9 +4597,16 @@ class Connection(BaseHTTPRequestHandler):
             if self.state is HANDSHAKE:
                 tls.feed(data)
                 data = b''
-                if self.server.steps_left <= 0:
-                    return True
-                self.server.steps_left -= 1
+                # The budget is of answers to hellos, the dear step (a key
+                # share and a signature): the client's next flight is cheap,
+                # and waiting behind new hellos it could not be taken
+                # before the handshake had to make room.
+                if tls.answered_at is None:
+                    if not tls.hello_whole():
+                        return False    # a hello in pieces costs no step
+                    if self.server.steps_left <= 0:
+                        return True
+                    self.server.steps_left -= 1
                 done = tls.shake()
                 tls.flush(self.connection)      # its next flight
                 if not done:

@@ -6946,25 +6946,75 @@ def test_a_handshake_over_its_byte_limit_is_closed(tls_trap, monkeypatch):
                        ' bytes without finishing its handshake')
 
 
-def test_handshakes_in_progress_are_bounded_the_oldest_making_room(
+def test_handshakes_in_progress_are_bounded_the_least_far_making_room(
         tls_trap, monkeypatch):
     """(A hunt held 260 stalled hellos open: refusing each new handshake
-    kept every other HTTPS client out.)"""
+    kept every other HTTPS client out.  A second hunt reopened hellos of
+    one byte faster than a round trip: closing the oldest then closed a
+    real client's handshake while it waited for kek's reply.)"""
     monkeypatch.setattr(kek, 'MAX_HANDSHAKES', 2)
     hello = hello_of(client_context(tls_trap.pems))
-    with tls_trap.connect() as first, tls_trap.connect() as second:
-        first.sendall(hello[:50])
-        wait_for(lambda: len(tls_trap.server.handshaking) == 1)
-        second.sendall(hello[:50])
+    with tls_trap.connect() as answered, tls_trap.connect() as partial:
+        answered.sendall(hello)             # kek answers; it never replies
+        assert answered.recv(65536)
+        partial.sendall(hello[:50])         # newer, but got less far
         wait_for(lambda: len(tls_trap.server.handshaking) == 2)
         answer, _ = https(tls_trap)         # a third client is served
         assert answer.status == 200
-        assert recv_until_closed(first) == b''      # the oldest made room
+        assert recv_until_closed(partial) == b''
         assert len(tls_trap.server.handshaking) == 1
         [(_, message, _)] = handshake_record(tls_trap)
         assert message == (
             'TLS handshake not finished: kek shakes 2 hands at most at once,'
-            ' and this one was the oldest: closed to make room for a new one')
+            ' and this one had got the least far: closed to make room for a'
+            ' new one')
+
+
+def test_a_handshake_s_standing_orders_who_makes_room(pems):
+    context = tls_settings(pems)
+    hello = hello_of(client_context(pems))
+    early, late = kek.TLS(context), kek.TLS(context)
+    late.started = early.started + 1
+    for tls in (early, late):
+        tls.feed(hello[:4])
+    assert early.standing() == (0, early.started) < late.standing()
+    late.feed(hello[4:])        # whole: it waits for its first step
+    assert late.hello_whole() and late.standing() == (2, late.started)
+    assert late.shake() is False and late.outgoing.pending   # answered
+    assert late.standing() == (1, late.answered_at)
+    answered_at = late.answered_at
+    late.feed(b'\x14\x03')      # the client's reply, its first bytes
+    assert late.shake() is False and late.answered_at == answered_at
+    assert early.standing() < late.standing() < (2, 0.0)
+
+
+@pytest.mark.parametrize('head, whole', [
+    (b'\x16\x03\x01\x00\x05abcd', False), (b'\x16\x03\x01\x00\x05abcde', True),
+    (b'\x16\x03\x01\x40\x01', True),           # over a record's size: no TLS
+    (b'\x16junk', True),                          # no TLS version: no TLS
+    (b'\x16\x03\x01\x00', False)])
+def test_a_hello_is_whole_when_its_first_record_is(pems, head, whole):
+    tls = kek.TLS(tls_settings(pems))
+    tls.feed(head)
+    assert tls.hello_whole() is whole
+
+
+def test_a_hello_in_pieces_takes_no_handshake_step(harness, pems, monkeypatch):
+    monkeypatch.setattr(kek.SETTINGS, 'tls', tls_settings(pems))
+    server, _, _ = harness
+    client = socket.create_connection(server.server_address, timeout=5)
+    wait_for(lambda: server.accept() or len(server.connections) == 2)
+    conn = [c for c in server.connections if c.state is kek.GREETING][0]
+    hello = hello_of(client_context(pems))
+    server.steps_left = 1
+    client.sendall(hello[:50])
+    readable(conn.connection)
+    assert conn.receive() is False and server.steps_left == 1
+    client.sendall(hello[50:])
+    readable(conn.connection)
+    conn.receive()
+    assert server.steps_left == 0 and conn.tls.answered_at is not None
+    client.close()
 
 
 def test_handshake_steps_past_the_rounds_budget_wait_for_the_next(
