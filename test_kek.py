@@ -8164,3 +8164,30 @@ def test_a_sighup_before_kek_serves_does_not_end_it(monkeypatch):
     calls = []
     assert kek.main(['--port', 'x'], {}) == 2
     assert calls == [(signal.SIGHUP, signal.SIG_IGN)]
+
+
+def test_a_parent_whose_output_is_full_waits_for_room_then_relays(
+        parent, tmp_path, logged):
+    """The parent's own writer on a pipe its reader leaves full: it reads
+    no worker's pipe, and is woken by room in its own."""
+    fifo = tmp_path / 'out'
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    writer = parent.writer = logged(make_writer(fifo))
+    worker = parent.workers[0]
+    worker.pipe, end = os.pipe()
+    try:
+        while not writer.waiting():
+            write_record(writer, 'x' * 1000)
+        os.write(end, b'K +0.000ms INFO  query relayed\n')
+        got = os.read(reader, 1 << 20)      # room: the round is woken by it
+        parent.round()
+        assert worker.pipe is not None and not writer.waiting()
+        parent.round()                      # now the worker's pipe is read
+        got += os.read(reader, 1 << 20)
+        assert got.endswith(b'K +0.000ms INFO  query relayed\n')
+    finally:
+        os.close(end)
+        os.close(worker.pipe)
+        writer.close()
+        os.close(reader)
