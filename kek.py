@@ -2104,6 +2104,12 @@ def name_char(char):
     return char not in '\t\n\r' and UNSEEN.match(char) is not None
 
 
+# The indexes a field's name may carry before its separator, as PHP and
+# Rails forms write them: password[0], password[], password["x"].  At most
+# 8 of 64 characters each: read once, never backtracked.
+FIELD_INDEX = re.compile(r'(?:\[[^\[\]\s]{0,64}\]){1,8}')
+
+
 def field_value(text, start, end):
     """Where the value of the name text[start:end] is, (begin, end), if the
     name is followed as a field's name is: by '=' or ':' (after its closing
@@ -2130,6 +2136,9 @@ def field_value(text, start, end):
         at += len(before)
     if text[at:at + 1] == ']':  # user[password]=...
         at += 1
+    index = FIELD_INDEX.match(text, at)     # password[0]:, user[password][0]=
+    if index is not None:
+        at = index.end()
     while text[at:at + 1] in BLANKS:
         at += 1
     separator = text[at:at + 1]

@@ -8191,3 +8191,20 @@ def test_a_parent_whose_output_is_full_waits_for_room_then_relays(
         os.close(worker.pipe)
         writer.close()
         os.close(reader)
+
+
+@pytest.mark.parametrize('text, shown', [
+    ('password[0]: hunter2hunter2', 'password[0]: <14 bytes>'),
+    ('password[]: hunter2hunter2', 'password[]: <14 bytes>'),
+    ('user[password][0]=hunter2hunter2', 'user[password][0]=<14 bytes>'),
+    ('x password["x"]: hunter2hunter2', 'x password["x"]: <14 bytes>'),
+    ('a[1]=2 token[0][1]=abc', 'a[1]=2 token[0][1]=<3 bytes>'),
+    # More than 8 indexes, or one over 64 characters: not a field's name.
+    ('password' + '[0]' * 9 + ': x', 'password' + '[0]' * 9 + ': x'),
+    ('password[%s]: x' % ('i' * 65), 'password[%s]: x' % ('i' * 65)),
+])
+def test_a_field_name_s_indexes_do_not_hide_its_value(text, shown):
+    """(A second hunt found password[0]: ... raw in headers, ALPN names,
+    the SNI, text bodies and the query.)"""
+    assert kek.hide_fields(text) == shown
+    assert kek.shown_free(text) == shown
