@@ -582,9 +582,10 @@ class Keys:
 
     A key that would repeat or go backwards moves on, so keys are unique
     within one server and always the same width.  Worker i of WORKERS=N
-    takes only the microseconds that are i modulo N (stride N, offset i):
-    no two workers can hand out the same key, and none needs a lock
-    another holds.  With INSTANCE every key ends in '~NAME'.
+    takes only the microseconds that are i modulo N+1 (stride N+1, offset
+    i; the parent offset 0): no two processes can hand out the same key,
+    and none needs a lock another holds.  With INSTANCE every key ends in
+    '~NAME'.
     """
 
     def __init__(self, clock=time.time_ns, stride=1, offset=0, suffix=''):
@@ -605,10 +606,10 @@ class Keys:
         return self.stamp[1]
 
     def share(self, shared, stride, offset):
-        """Key as worker offset of stride - 1, its last key kept in shared
-        (an mmap of 8 bytes a worker, the parent's offset 0): a worker
-        started again after one that died goes on after its last key, which
-        may have run ahead of the clock."""
+        """Take the microseconds that are offset modulo stride, and keep
+        the last key in shared (an mmap of 8 bytes a process, at offset):
+        a worker started again in a dead one's place goes on after that
+        one's last key, which may have run ahead of the clock."""
         self.stride, self.offset, self.shared = stride, offset, shared
         self.last_us = max(self.last_us,
                            struct.unpack_from('q', shared, offset * 8)[0])
@@ -3453,8 +3454,11 @@ class LogWriter(logging.Handler):
     def relay(self, data):
         """Whole lines a worker wrote to its pipe (WORKERS=N, the log on
         standard output): written after what waits, as they are."""
+        lines = data.count(b'\n')
         self.pending += data
-        self.pending_records += data.count(b'\n')
+        self.pending_records += lines
+        if self.state is WAITING:
+            self.waited += lines
 
     # The stock handle() without its filters and lock, which cost as much as
     # the formatting.
@@ -5014,9 +5018,6 @@ class Server:
         self.resume_accept_at = 0.0
         self.date = email.utils.formatdate(usegmt=True)
 
-    def url(self, scheme='http'):
-        return url_of(self.socket, scheme)
-
     def serve_forever(self):
         """Run rounds until shutdown() and until requests in flight are
         done: as socketserver's loop, a round, then a stop step."""
@@ -5286,7 +5287,7 @@ def serve(server, writer, settings, worker=None):
         signal.signal(signum, lambda signum, frame: server.shutdown())
     signal.signal(signal.SIGHUP, lambda signum, frame: writer.request_reopen())
     if worker is None:
-        say_listening(server, settings)
+        say_listening(server.socket, settings)
     try:
         server.serve_forever()
     finally:
@@ -5310,10 +5311,11 @@ def close_log(writer):
     return True
 
 
-def say_listening(server, settings, workers=''):
-    urls = url_of(server.socket)
+def say_listening(listener, settings, workers=''):
+    """The start line, in the log and, with LOG_FILE, on standard error."""
+    urls = url_of(listener)
     if settings.tls is not None:
-        urls += ' and ' + url_of(server.socket, 'https')
+        urls += ' and ' + url_of(listener, 'https')
     server_log().info('listening on %s%s', urls, workers)
     if settings.log_file:
         report('listening on %s%s, logging to %s' % (urls, workers,
@@ -5351,7 +5353,7 @@ class Parent:
     """The parent of WORKERS=N: forks them, keeps them, relays their log."""
 
     def __init__(self, listener, writer, settings):
-        self.socket = listener          # (for say_listening())
+        self.listener = listener        # bound here, served by the workers
         self.writer = writer            # the parent's own records
         self.settings = settings
         self.workers = [Worker(number)
@@ -5369,7 +5371,7 @@ class Parent:
         """Start every worker, keep them until they have all stopped; the
         exit status."""
         writer = self.writer
-        KEYS.stride = len(self.workers) + 1     # the parent's keys: offset 0
+        KEYS.share(self.last_keys, len(self.workers) + 1, 0)   # the parent's
         log_to(writer, self.settings)
         os.set_blocking(self.woken, False)
         signal.set_wakeup_fd(self.woken, warn_on_full_buffer=False)
@@ -5378,7 +5380,7 @@ class Parent:
             signal.signal(signum, lambda signum, frame: None)
         for worker in self.workers:
             self.start(worker)
-        say_listening(self, self.settings, ' with %d workers (pids %s)'
+        say_listening(self.listener, self.settings, ' with %d workers (pids %s)'
                       % (len(self.workers), ', '.join(
                           str(worker.pid) for worker in self.workers)))
         flush_log()
@@ -5422,7 +5424,8 @@ class Parent:
                                     (signal.SIGHUP, signal.SIG_IGN)):
                 signal.signal(signum, handler)
             for fd in [self.wake, self.woken] + [
-                    other.pipe for other in self.workers if other.pipe]:
+                    other.pipe for other in self.workers
+                    if other.pipe is not None]:
                 os.close(fd)
             LOGGER.removeHandler(self.writer)
             if self.writer.path is not None:
@@ -5434,7 +5437,7 @@ class Parent:
             KEYS.share(self.last_keys, len(self.workers) + 1, worker.number)
             try:
                 writer = LogWriter(self.settings.log_file)
-                server = Server(listener=self.socket)
+                server = Server(listener=self.listener)
             except OSError as error:
                 report('worker %d cannot start: %s' % (worker.number, error))
             else:
@@ -5516,7 +5519,7 @@ class Parent:
         if self.state is STOPPING:
             return
         self.state = STOPPING
-        self.socket.close()     # (the workers' stay open until they end)
+        self.listener.close()   # (the workers' stay open until they end)
         self.stop_at = time.monotonic() + SHUTDOWN_GRACE + STOP_SLACK
         for worker in self.workers:
             worker.start_at = None

@@ -4167,7 +4167,7 @@ def test_ipv6_host_is_served_and_logged_in_brackets(tmp_path):
     thread.start()
     try:
         port = server.server_address[1]
-        assert server.url() == 'http://[::1]:%d' % port
+        assert kek.url_of(server.socket) == 'http://[::1]:%d' % port
         conn = http.client.HTTPConnection('::1', port, timeout=5)
         conn.request('GET', '/api')
         assert conn.getresponse().status == 200
@@ -8053,46 +8053,40 @@ def test_a_worker_that_exits_is_said_with_its_status():
     assert kek.exit_text(signal.SIGKILL) == 'was killed by SIGKILL'
 
 
-def test_a_worker_takes_one_waiting_connection_a_round():
+@pytest.fixture
+def three_waiting():
+    """A Server with three connections waiting in its listen queue (each
+    connect has returned, so each is queued)."""
+    server = kek.Server(('127.0.0.1', 0))
+    clients = [socket.create_connection(server.server_address)
+               for _ in range(3)]
+    wait_for(lambda: select.select([server.socket], [], [], 0)[0])
+    yield server
+    for client in clients:
+        client.close()
+    for conn in list(server.connections):
+        conn.close()
+    server.server_close()
+
+
+def test_a_worker_takes_one_waiting_connection_a_round(three_waiting):
     """Workers share the listener and all wake for a connection: one that
     took every connection waiting (wrk's 16 at once) would leave the other
     workers idle."""
-    server = kek.Server(('127.0.0.1', 0))
+    server = three_waiting
     server.accepts_a_round = kek.WORKER_ACCEPTS_A_ROUND
-    clients = [socket.create_connection(server.server_address)
-               for _ in range(3)]
-    try:
-        wait_for(lambda: select.select([server.socket], [], [], 0)[0])
-        server.accept()
-        assert len(server.connections) == 1
-        server.accept()
-        server.accept()
-        assert len(server.connections) == 3
-        server.accept()     # none waits: no error
-        assert len(server.connections) == 3
-    finally:
-        for client in clients:
-            client.close()
-        for conn in list(server.connections):
-            conn.close()
-        server.server_close()
+    server.accept()
+    assert len(server.connections) == 1
+    server.accept()
+    server.accept()
+    assert len(server.connections) == 3
+    server.accept()     # none waits: no error
+    assert len(server.connections) == 3
 
 
-def test_one_process_takes_every_waiting_connection_at_once():
-    server = kek.Server(('127.0.0.1', 0))
-    clients = [socket.create_connection(server.server_address)
-               for _ in range(3)]
-    try:
-        wait_for(lambda: select.select([server.socket], [], [], 0)[0])
-        # (the three are queued once the first is: connects are in order)
-        server.accept()
-        assert len(server.connections) == 3
-    finally:
-        for client in clients:
-            client.close()
-        for conn in list(server.connections):
-            conn.close()
-        server.server_close()
+def test_one_process_takes_every_waiting_connection_at_once(three_waiting):
+    three_waiting.accept()
+    assert len(three_waiting.connections) == 3
 
 
 @pytest.mark.parametrize('value, shown', [
@@ -8208,3 +8202,11 @@ def test_a_field_name_s_indexes_do_not_hide_its_value(text, shown):
     the SNI, text bodies and the query.)"""
     assert kek.hide_fields(text) == shown
     assert kek.shown_free(text) == shown
+
+
+def test_lines_relayed_while_the_log_waits_are_counted_as_waiting(logged):
+    writer = logged(make_writer('/dev/full'))
+    write_record(writer, 'waits')
+    writer.relay(b'K +0.000ms INFO  query one\nK +0.001ms INFO  query two\n')
+    assert (writer.waited, writer.unwritten()) == (3, 3)
+    writer.close()
