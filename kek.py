@@ -2894,8 +2894,10 @@ def shown_tls(facts):
 
 
 def shown_proxy_line(line):
+    """A PROXY v1 line: as sent if it is one (by the rules of free text: an
+    UNKNOWN line may carry any text after its word), else quoted."""
     if PROXY_V1.fullmatch(line):
-        return shown(as_text(line))     # addresses and ports, checked
+        return shown(hide_fields(as_text(line)))
     return quoted(line)
 
 

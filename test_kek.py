@@ -1676,6 +1676,18 @@ def test_a_valid_proxy_line_is_shown_as_sent_and_a_bad_one_quoted(monkeypatch):
         '18 bytes, text: PROXY x password=<1 byte>')
 
 
+@pytest.mark.parametrize('line, shown', [
+    (b'PROXY UNKNOWN password=hunter2hunter2XYZ',
+     'PROXY UNKNOWN password=<17 bytes>'),
+    (b'PROXY UNKNOWN {"password": "hunter2hunter2XYZ"}',
+     'PROXY UNKNOWN {"password": "<17 bytes>"}'),
+])
+def test_a_proxy_unknown_line_s_text_goes_through_the_field_rule(line, shown):
+    """(A hunt found PROXY UNKNOWN's free text shown raw in the refusal of
+    an untrusted peer's PROXY header.)"""
+    assert kek.shown_proxy_line(line) == shown
+
+
 def test_a_multipart_body_of_more_than_max_parts_is_read_no_further(
         monkeypatch):
     monkeypatch.setattr(kek, 'MAX_PARTS', 3)
